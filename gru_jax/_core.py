@@ -1,0 +1,455 @@
+r"""Pure-JAX GRU: one cell step, the time scan of a layer, and the layer stack.
+
+Shape legend (used in every docstring of the package):
+
+* ``B``: batch size; ``T``: time steps; ``D``: input features of a layer;
+* ``H``: hidden size; ``G = 3H``: the three gates stacked in the order ``r, z, n``;
+* ``L``: number of layers; ``K``: number of directions (1, or 2 when bidirectional).
+
+Parameter trees (plain dicts of arrays, shared by the linen and NNX modules):
+
+* a *cell* (one layer, one direction), as :func:`gru_step` takes it::
+
+      {"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,)}
+
+* a *stack*, as :func:`gru` takes it; directions are stacked on a leading ``K`` axis
+  (index 0 forward, 1 reverse) so that both directions share one scan::
+
+      {"layer_0": {"w_ih": (K, D, 3H), "w_hh": (K, H, 3H), "b_ih": (K, 3H), "b_hh": (K, 3H)},
+       "layer_1": {"w_ih": (K, K*H, 3H), ...}, ...}
+
+  ``b_ih``/``b_hh`` are absent when the layer has no bias. The kernels are the transposes
+  of torch's ``weight_ih_l{l}`` / ``weight_hh_l{l}`` (``x @ w_ih`` rather than
+  ``W x``); :mod:`gru_jax.interop` converts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gru_jax import _masking
+
+Array = jax.Array
+CellParams = Mapping[str, Array]
+Params = Mapping[str, CellParams]
+
+_CELL_KEYS = frozenset({"w_ih", "w_hh", "b_ih", "b_hh"})
+
+
+# --------------------------------------------------------------------------------------------
+# The cell
+# --------------------------------------------------------------------------------------------
+
+
+def _split_bias(b_ih, b_hh, hidden: int, reset_after: bool):
+    """Folds every bias that is not multiplied by ``r`` into the input projection.
+
+    Returns ``(bias_x, b_hn)``: ``bias_x`` (``(..., 3H)``) is added to ``x @ w_ih`` once for
+    all steps; ``b_hn`` (``(..., H)`` or ``None``) stays inside the recurrence because the
+    reset-after cell scales it by ``r``.
+    """
+    if b_ih is None:
+        return None, None
+    if not reset_after:
+        return b_ih + b_hh, None
+    zeros = jnp.zeros_like(b_hh[..., 2 * hidden :])
+    return b_ih + jnp.concatenate([b_hh[..., : 2 * hidden], zeros], axis=-1), b_hh[
+        ..., 2 * hidden :
+    ]
+
+
+def _recurrence(xp, h, w_hh, b_hn, *, reset_after: bool, compute_dtype):
+    """The part of a GRU step that depends on ``h``, given the input projection ``xp``.
+
+    ``xp = x @ w_ih + bias_x`` (``(..., 3H)``, float32 or wider); ``h`` (``(..., H)``) is the
+    float carry; ``w_hh`` is ``(H, 3H)`` or batched ``(K, H, 3H)`` against ``h`` of shape
+    ``(K, B, H)``. Matmul inputs are cast to ``compute_dtype`` and accumulate in the carry
+    dtype.
+    """
+    hidden = h.shape[-1]
+    acc = h.dtype
+
+    def mm(a, w):
+        return jnp.matmul(
+            a.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=acc
+        )
+
+    if reset_after:
+        hp = mm(h, w_hh)
+        rz = jax.nn.sigmoid(xp[..., : 2 * hidden] + hp[..., : 2 * hidden])
+        r, z = rz[..., :hidden], rz[..., hidden:]
+        hn = hp[..., 2 * hidden :]
+        if b_hn is not None:
+            hn = hn + b_hn
+        n = jnp.tanh(xp[..., 2 * hidden :] + r * hn)
+    else:
+        rz = jax.nn.sigmoid(xp[..., : 2 * hidden] + mm(h, w_hh[..., : 2 * hidden]))
+        r, z = rz[..., :hidden], rz[..., hidden:]
+        n = jnp.tanh(xp[..., 2 * hidden :] + mm(r * h, w_hh[..., 2 * hidden :]))
+    # (1 - z) * n + z * h, with one multiply fewer.
+    return n + z * (h - n)
+
+
+def _check_cell_params(cell_params, name: str = "cell_params"):
+    if not isinstance(cell_params, Mapping):
+        raise TypeError(f"{name} must be a mapping of arrays; got {type(cell_params).__name__}")
+    keys = set(cell_params)
+    has_bias = {"b_ih", "b_hh"} & keys
+    missing = {"w_ih", "w_hh"} - keys
+    if has_bias and len(has_bias) != 2:
+        missing |= {"b_ih", "b_hh"} - keys
+    extra = keys - _CELL_KEYS
+    if missing or extra:
+        raise ValueError(
+            f"{name} must have keys w_ih, w_hh and optionally b_ih, b_hh; "
+            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+
+
+def _cell_dims(cell_params, name: str = "cell_params"):
+    """Returns ``(D, H)`` of a cell, checking that its arrays agree."""
+    _check_cell_params(cell_params, name)
+    w_ih, w_hh = cell_params["w_ih"], cell_params["w_hh"]
+    if w_hh.ndim != 2 or w_hh.shape[1] != 3 * w_hh.shape[0]:
+        raise ValueError(f"{name}['w_hh'] must have shape (H, 3H); got {w_hh.shape}")
+    hidden = w_hh.shape[0]
+    if w_ih.ndim != 2 or w_ih.shape[1] != 3 * hidden:
+        raise ValueError(
+            f"{name}['w_ih'] must have shape (D, 3H) = (D, {3 * hidden}); got {w_ih.shape}"
+        )
+    for b in ("b_ih", "b_hh"):
+        if b in cell_params and cell_params[b].shape != (3 * hidden,):
+            raise ValueError(
+                f"{name}['{b}'] must have shape (3H,) = ({3 * hidden},); got {cell_params[b].shape}"
+            )
+    return w_ih.shape[0], hidden
+
+
+def _check_float(name: str, x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
+
+
+def gru_step(cell_params: CellParams, h, x, *, reset_after: bool = True, dtype=None):
+    r"""One GRU step, ``torch.nn.GRUCell`` semantics.
+
+    With gates stacked in the order ``r, z, n`` along the last axis of the parameters
+    (``W_i* = w_ih[:, gate]``, ``W_h* = w_hh[:, gate]``, likewise for the biases):
+
+    .. math::
+
+        r &= \sigma(x W_{ir} + b_{ir} + h W_{hr} + b_{hr}) \\
+        z &= \sigma(x W_{iz} + b_{iz} + h W_{hz} + b_{hz}) \\
+        n &= \tanh(x W_{in} + b_{in} + r \odot (h W_{hn} + b_{hn}))
+             \quad\text{(reset\_after=True: torch, cuDNN, Keras default)} \\
+        n &= \tanh(x W_{in} + b_{in} + (r \odot h) W_{hn} + b_{hn})
+             \quad\text{(reset\_after=False: Cho et al. 2014)} \\
+        h' &= (1 - z) \odot n + z \odot h
+
+    Args:
+      cell_params: ``{"w_ih": (D, 3H), "w_hh": (H, 3H)}`` plus, with bias,
+        ``{"b_ih": (3H,), "b_hh": (3H,)}``.
+      h: previous state, ``(*batch, H)``, floating point.
+      x: input, ``(*batch, D)``, floating point; ``batch`` dims must broadcast with ``h``'s.
+      reset_after: where the reset gate is applied (see above).
+      dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); gates and the new state are
+        computed in float32 (or float64 when the inputs are). ``None``: the promoted dtype of
+        ``x`` and the parameters.
+
+    Returns:
+      The new state ``h'``, shape ``(*batch, H)``, dtype of ``h``.
+
+    Raises:
+      ValueError: if the parameter, ``h`` or ``x`` shapes do not match.
+      TypeError: if ``h`` or ``x`` is not floating point.
+    """
+    in_features, hidden = _cell_dims(cell_params)
+    h, x = jnp.asarray(h), jnp.asarray(x)
+    _check_float("h", h)
+    _check_float("x", x)
+    if h.ndim < 1 or h.shape[-1] != hidden:
+        raise ValueError(f"h must have shape (..., H) = (..., {hidden}); got {h.shape}")
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., D) = (..., {in_features}); got {x.shape}")
+    compute_dtype = dtype or jnp.promote_types(x.dtype, cell_params["w_ih"].dtype)
+    acc = jnp.promote_types(compute_dtype, jnp.float32)
+    bias_x, b_hn = _split_bias(
+        cell_params.get("b_ih"), cell_params.get("b_hh"), hidden, reset_after
+    )
+    xp = jnp.matmul(
+        x.astype(compute_dtype),
+        cell_params["w_ih"].astype(compute_dtype),
+        preferred_element_type=acc,
+    )
+    if bias_x is not None:
+        # Explicit broadcasting: callers may run with jax_numpy_rank_promotion="raise".
+        lead = (1,) * (xp.ndim - 1)
+        xp = xp + bias_x.astype(acc).reshape(lead + bias_x.shape)
+        b_hn = None if b_hn is None else b_hn.astype(acc).reshape(lead + b_hn.shape)
+    h_new = _recurrence(
+        xp,
+        h.astype(acc),
+        cell_params["w_hh"],
+        b_hn,
+        reset_after=reset_after,
+        compute_dtype=compute_dtype,
+    )
+    return h_new.astype(h.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# One layer (both directions in one scan)
+# --------------------------------------------------------------------------------------------
+
+
+def _layer(lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dtype, acc_dtype):
+    """Runs one layer, all directions at once.
+
+    Args:
+      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
+      xs: ``(T, B, D)`` time-major layer input.
+      h0: ``(K, B, H)`` initial states in ``acc_dtype``.
+      mask: ``bool[T, B, 1]`` validity mask, or ``None`` when every sequence is full length.
+      lengths: ``int32[B]`` or ``None``.
+
+    Returns:
+      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` in ``acc_dtype``, zero at padded steps;
+      ``h_n`` ``(K, B, H)``.
+    """
+    w_ih, w_hh = lp["w_ih"], lp["w_hh"]
+    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+    bias_x, b_hn = _split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
+    xs_c = xs.astype(compute_dtype)
+    w_ih_c = w_ih.astype(compute_dtype)
+    # The input projection of every step is one matmul outside the recurrence. The reverse
+    # direction reads its input in valid-prefix-reversed order, so its scan runs forward.
+    per_dir = []
+    for k in range(num_dirs):
+        src = xs_c if k == 0 else _masking.reverse_valid(xs_c, lengths)
+        xp_k = jnp.einsum("tbd,dg->tbg", src, w_ih_c[k], preferred_element_type=acc_dtype)
+        if bias_x is not None:
+            xp_k = xp_k + bias_x[k].astype(acc_dtype)[None, None, :]
+        per_dir.append(xp_k)
+    xp = jnp.stack(per_dir, axis=1)  # (T, K, B, 3H)
+    b_hn = None if b_hn is None else b_hn[:, None, :].astype(acc_dtype)  # (K, 1, H)
+
+    def step(h, inputs):
+        xp_t, m_t = inputs
+        h_new = _recurrence(
+            xp_t, h, w_hh, b_hn, reset_after=reset_after, compute_dtype=compute_dtype
+        )
+        if m_t is not None:
+            # Past a sequence's end its state is frozen, as with torch's PackedSequence.
+            h_new = jnp.where(m_t, h_new, h)
+        return h_new, h_new
+
+    if remat:
+        step = jax.checkpoint(step)
+    step_mask = None if mask is None else mask[:, None]  # (T, 1, B, 1), against h (K, B, H)
+    h_n, ys = jax.lax.scan(step, h0, (xp, step_mask), unroll=unroll)  # ys: (T, K, B, H)
+    outs = []
+    for k in range(num_dirs):
+        y = ys[:, k]
+        if k == 1:
+            y = _masking.reverse_valid(y, lengths)
+        outs.append(y)
+    y = outs[0] if num_dirs == 1 else jnp.concatenate(outs, axis=-1)
+    if mask is not None:
+        y = jnp.where(mask, y, jnp.zeros((), y.dtype))
+    return y, h_n
+
+
+# --------------------------------------------------------------------------------------------
+# The stack
+# --------------------------------------------------------------------------------------------
+
+
+def stack_dims(params: Params) -> tuple[int, int, int, int]:
+    """Returns ``(L, K, D, H)`` of a stack params tree, checking that every layer agrees.
+
+    Raises:
+      ValueError: if the tree does not have the layout described in the module docstring.
+    """
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError("params must be a non-empty mapping {'layer_0': {...}, ...}")
+    num_layers = len(params)
+    expected = {f"layer_{i}" for i in range(num_layers)}
+    if set(params) != expected:
+        raise ValueError(
+            f"params must have keys layer_0 .. layer_{num_layers - 1}; got {sorted(params)}"
+        )
+    num_dirs = hidden = in_features = None
+    for i in range(num_layers):
+        lp = params[f"layer_{i}"]
+        name = f"params['layer_{i}']"
+        _check_cell_params(lp, name)
+        w_ih, w_hh = lp["w_ih"], lp["w_hh"]
+        if w_hh.ndim != 3 or w_hh.shape[2] != 3 * w_hh.shape[1] or w_hh.shape[0] not in (1, 2):
+            raise ValueError(
+                f"{name}['w_hh'] must have shape (K, H, 3H), K in (1, 2); got {w_hh.shape}"
+            )
+        if i == 0:
+            num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+            if w_ih.ndim != 3:
+                raise ValueError(f"{name}['w_ih'] must have shape (K, D, 3H); got {w_ih.shape}")
+            in_features = w_ih.shape[1]
+        want_d = in_features if i == 0 else num_dirs * hidden
+        checks = {
+            "w_hh": (num_dirs, hidden, 3 * hidden),
+            "w_ih": (num_dirs, want_d, 3 * hidden),
+            "b_ih": (num_dirs, 3 * hidden),
+            "b_hh": (num_dirs, 3 * hidden),
+        }
+        for key, shape in checks.items():
+            if key in lp and lp[key].shape != shape:
+                raise ValueError(f"{name}['{key}'] must have shape {shape}; got {lp[key].shape}")
+    return num_layers, num_dirs, in_features, hidden
+
+
+def gru(
+    params: Params,
+    x,
+    h0=None,
+    *,
+    lengths=None,
+    batch_first: bool = True,
+    dropout: float = 0.0,
+    key=None,
+    reset_after: bool = True,
+    unroll: int = 1,
+    remat: bool = False,
+    dtype=None,
+    checkify_lengths: bool = False,
+) -> tuple[Array, Array]:
+    r"""A multi-layer, optionally bidirectional GRU over whole sequences (``torch.nn.GRU``).
+
+    Each layer applies the cell of :func:`gru_step` at every step, as one ``jax.lax.scan``.
+    Layer ``l > 0`` takes as input the concatenated outputs of both directions of layer
+    ``l - 1``; with ``dropout > 0`` and a ``key``, those outputs pass through inverted
+    dropout (every layer but the last, as torch).
+
+    Variable lengths follow ``torch.nn.utils.rnn.pack_padded_sequence``: for sequence ``b``
+    only steps ``t < lengths[b]`` are computed; the forward direction's ``h_n`` is its state
+    after step ``lengths[b] - 1`` (``h0`` when the length is 0), the reverse direction runs
+    from ``lengths[b] - 1`` down to 0, and ``output`` is exactly zero at padded steps.
+
+    Args:
+      params: the stack params tree (see module docstring): ``L`` layers, ``K`` directions.
+      x: ``(B, T, D)`` if ``batch_first`` else ``(T, B, D)``; unbatched ``(T, D)``.
+        Floating point.
+      h0: ``(L*K, B, H)`` initial states (``(L*K, H)`` for unbatched ``x``), index
+        ``l*K + k`` for layer ``l``, direction ``k`` (1 = reverse). ``None``: zeros.
+      lengths: integer array ``(B,)`` of valid lengths in ``[0, T]`` (a scalar for unbatched
+        ``x``), or ``None`` for full-length sequences. Concrete values out of range raise;
+        traced ones are clipped to ``[0, T]`` (see ``checkify_lengths``).
+      batch_first: layout of ``x`` and ``output``. Note: the default ``True`` differs from
+        torch's ``False``.
+      dropout: drop probability in ``[0, 1)`` on each layer's output except the last.
+      key: PRNG key for dropout. Dropout is applied only when a key is given; ``None`` means
+        inference (deterministic).
+      reset_after: ``True`` for torch/cuDNN's cell, ``False`` for Cho et al. (2014).
+      unroll: ``jax.lax.scan`` unroll factor of the time loop.
+      remat: recompute each step in the backward pass instead of storing its activations
+        (memory ``O(T*B*H)`` per layer).
+      dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); the carry, gates and
+        accumulation stay in float32 (float64 for float64 inputs). ``None``: the promoted
+        dtype of ``x`` and the parameters.
+      checkify_lengths: add a ``jax.experimental.checkify`` check that traced ``lengths`` lie
+        in ``[0, T]``; functionalize it with ``checkify.checkify`` to raise.
+
+    Returns:
+      ``(output, h_n)``: ``output`` ``(B, T, K*H)`` (``(T, B, K*H)`` if not ``batch_first``,
+      ``(T, K*H)`` unbatched) and ``h_n`` ``(L*K, B, H)`` (``(L*K, H)`` unbatched), both in
+      the dtype of ``x``.
+
+    Raises:
+      ValueError: wrong rank or feature size of ``x``, wrong ``h0`` or ``lengths`` shape,
+        concrete ``lengths`` outside ``[0, T]``, ``dropout`` outside ``[0, 1)``, a malformed
+        params tree.
+      TypeError: non-floating ``x``/``h0``, non-integer ``lengths``.
+    """
+    num_layers, num_dirs, in_features, hidden = stack_dims(params)
+    x = jnp.asarray(x)
+    _check_float("x", x)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+    if x.ndim not in (2, 3):
+        layout = "(B, T, D)" if batch_first else "(T, B, D)"
+        raise ValueError(
+            f"x must have shape {layout} or unbatched (T, D); got rank {x.ndim}, shape {x.shape}"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have {in_features} features (last axis) to match params; got shape {x.shape}"
+        )
+    unbatched = x.ndim == 2
+    if unbatched:
+        xs = x[:, None, :]
+    else:
+        xs = jnp.swapaxes(x, 0, 1) if batch_first else x
+    steps, batch = xs.shape[0], xs.shape[1]
+
+    weights_dtype = params["layer_0"]["w_ih"].dtype
+    compute_dtype = dtype or jnp.promote_types(x.dtype, weights_dtype)
+    acc_dtype = jnp.promote_types(compute_dtype, jnp.float32)
+
+    states = num_layers * num_dirs
+    if h0 is None:
+        h0 = jnp.zeros((states, batch, hidden), acc_dtype)
+    else:
+        h0 = jnp.asarray(h0)
+        _check_float("h0", h0)
+        want = (states, hidden) if unbatched else (states, batch, hidden)
+        if h0.shape != want:
+            raise ValueError(
+                f"h0 must have shape (L*K, {'H' if unbatched else 'B, H'}) = {want}; got {h0.shape}"
+            )
+        h0 = (h0[:, None, :] if unbatched else h0).astype(acc_dtype)
+
+    if lengths is not None:
+        if unbatched:
+            lengths = jnp.reshape(jnp.asarray(lengths), (1,)) if jnp.ndim(lengths) == 0 else lengths
+        lengths = _masking.prepare_lengths(lengths, batch, steps, checkify_lengths=checkify_lengths)
+        mask = _masking.time_mask(lengths, steps)
+    else:
+        mask = None
+
+    drop_keys = None
+    if dropout > 0.0 and key is not None and num_layers > 1:
+        drop_keys = jax.random.split(key, num_layers - 1)
+
+    layer_in = xs
+    finals = []
+    for i in range(num_layers):
+        y, h_n = _layer(
+            params[f"layer_{i}"],
+            layer_in,
+            h0[i * num_dirs : (i + 1) * num_dirs],
+            mask,
+            lengths,
+            reset_after=reset_after,
+            unroll=unroll,
+            remat=remat,
+            compute_dtype=compute_dtype,
+            acc_dtype=acc_dtype,
+        )
+        finals.append(h_n)
+        if drop_keys is not None and i < num_layers - 1:
+            keep = jax.random.bernoulli(drop_keys[i], 1.0 - dropout, y.shape)
+            y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
+        layer_in = y
+
+    out = layer_in.astype(x.dtype)
+    h_n = jnp.concatenate(finals, axis=0).astype(x.dtype)
+    if unbatched:
+        return out[:, 0], h_n[:, 0]
+    return (jnp.swapaxes(out, 0, 1) if batch_first else out), h_n
+
+
+def cell_of(params: Params, layer: int = 0, direction: int = 0) -> dict[str, Any]:
+    """Extracts one cell's params (``w_ih (D, 3H)``, ...) from a stack params tree."""
+    return {k: v[direction] for k, v in params[f"layer_{layer}"].items()}

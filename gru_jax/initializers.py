@@ -1,0 +1,106 @@
+"""Parameter initializers and the creation of params trees (no flax import).
+
+The default matches torch: every weight and bias of ``nn.GRU``/``nn.GRUCell`` is drawn from
+``U(-1/sqrt(H), 1/sqrt(H))``. For Flax's ``GRUCell`` style, pass
+``kernel_init=jax.nn.initializers.lecun_normal()``,
+``recurrent_kernel_init=jax.nn.initializers.orthogonal()`` and
+``bias_init=jax.nn.initializers.zeros``; each initializer receives one direction's matrix,
+``(D, 3H)`` or ``(H, 3H)``, and biases ``(3H,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def torch_uniform(hidden_size: int) -> Initializer:
+    """``U(-1/sqrt(H), 1/sqrt(H))``, torch's initializer for every GRU parameter."""
+    bound = 1.0 / float(hidden_size) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def init_cell(
+    key,
+    in_features: int,
+    hidden_size: int,
+    *,
+    bias: bool = True,
+    kernel_init: Initializer | None = None,
+    recurrent_kernel_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    param_dtype=jnp.float32,
+) -> dict[str, jax.Array]:
+    """Creates one cell's params: ``w_ih (D, 3H)``, ``w_hh (H, 3H)``, ``b_ih``/``b_hh (3H,)``.
+
+    ``None`` initializers mean torch's ``U(-1/sqrt(H), 1/sqrt(H))``.
+    """
+    default = torch_uniform(hidden_size)
+    k_ih, k_hh, k_bi, k_bh = jax.random.split(key, 4)
+    g = 3 * hidden_size
+    cell = {
+        "w_ih": (kernel_init or default)(k_ih, (in_features, g), param_dtype),
+        "w_hh": (recurrent_kernel_init or default)(k_hh, (hidden_size, g), param_dtype),
+    }
+    if bias:
+        cell["b_ih"] = (bias_init or default)(k_bi, (g,), param_dtype)
+        cell["b_hh"] = (bias_init or default)(k_bh, (g,), param_dtype)
+    return cell
+
+
+def init_gru(
+    key,
+    in_features: int,
+    hidden_size: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    bias: bool = True,
+    kernel_init: Initializer | None = None,
+    recurrent_kernel_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    param_dtype=jnp.float32,
+) -> dict[str, dict[str, jax.Array]]:
+    """Creates a stack params tree ``{"layer_l": {"w_ih": (K, D_l, 3H), ...}}``.
+
+    Each direction of each layer is initialized as its own cell (:func:`init_cell`), so
+    matrix initializers such as ``orthogonal`` see one ``(D, 3H)`` or ``(H, 3H)`` matrix.
+
+    Raises:
+      ValueError: if ``in_features``, ``hidden_size`` or ``num_layers`` is below 1.
+    """
+    for name, value in (
+        ("in_features", in_features),
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    num_dirs = 2 if bidirectional else 1
+    params = {}
+    keys = jax.random.split(key, num_layers * num_dirs)
+    for layer in range(num_layers):
+        d_in = in_features if layer == 0 else num_dirs * hidden_size
+        cells = [
+            init_cell(
+                keys[layer * num_dirs + k],
+                d_in,
+                hidden_size,
+                bias=bias,
+                kernel_init=kernel_init,
+                recurrent_kernel_init=recurrent_kernel_init,
+                bias_init=bias_init,
+                param_dtype=param_dtype,
+            )
+            for k in range(num_dirs)
+        ]
+        params[f"layer_{layer}"] = {n: jnp.stack([c[n] for c in cells]) for n in cells[0]}
+    return params
