@@ -1,0 +1,182 @@
+"""The pure core: the cell's equations, scan == step loop, jit, dropout, lengths edge cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gru_jax
+
+
+def _sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def _numpy_cell(cell, h, x, reset_after):
+    """float64 NumPy, written from the equations with per-gate weight blocks."""
+    w_ih, w_hh = (np.asarray(cell[k], np.float64) for k in ("w_ih", "w_hh"))
+    hid = w_hh.shape[0]
+    b_ih = np.asarray(cell.get("b_ih", np.zeros(3 * hid)), np.float64)
+    b_hh = np.asarray(cell.get("b_hh", np.zeros(3 * hid)), np.float64)
+    blk = [slice(i * hid, (i + 1) * hid) for i in range(3)]
+    r = _sigmoid(x @ w_ih[:, blk[0]] + b_ih[blk[0]] + h @ w_hh[:, blk[0]] + b_hh[blk[0]])
+    z = _sigmoid(x @ w_ih[:, blk[1]] + b_ih[blk[1]] + h @ w_hh[:, blk[1]] + b_hh[blk[1]])
+    if reset_after:
+        n = np.tanh(x @ w_ih[:, blk[2]] + b_ih[blk[2]] + r * (h @ w_hh[:, blk[2]] + b_hh[blk[2]]))
+    else:
+        n = np.tanh(x @ w_ih[:, blk[2]] + b_ih[blk[2]] + (r * h) @ w_hh[:, blk[2]] + b_hh[blk[2]])
+    return (1 - z) * n + z * h
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_step_matches_float64_equations(reset_after, bias):
+    cell = gru_jax.init_cell(jax.random.key(0), 5, 4, bias=bias)
+    rng = np.random.default_rng(1)
+    h, x = rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
+    got = gru_jax.gru_step(
+        cell, h.astype(np.float32), x.astype(np.float32), reset_after=reset_after
+    )
+    want = _numpy_cell(cell, h, x, reset_after)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_before_and_after_differ():
+    """The two variants are different functions (guards against an ignored flag)."""
+    cell = gru_jax.init_cell(jax.random.key(0), 5, 4)
+    h, x = jnp.ones((2, 4)), jnp.ones((2, 5))
+    after = gru_jax.gru_step(cell, h, x, reset_after=True)
+    before = gru_jax.gru_step(cell, h, x, reset_after=False)
+    assert float(jnp.max(jnp.abs(after - before))) > 1e-4
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_reset_before_sequence_matches_float64_loop(reset_after):
+    """reset_after=False over a bidirectional 2-layer stack vs a float64 NumPy loop."""
+    params = gru_jax.init_gru(jax.random.key(2), 3, 5, num_layers=2, bidirectional=True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 3))
+    out, h_n = gru_jax.gru(params, x.astype(np.float32), reset_after=reset_after)
+
+    layer_in, finals = x, []
+    for layer in range(2):
+        outs = []
+        for d in range(2):
+            cell = gru_jax.cell_of(params, layer, d)
+            h, ys = np.zeros((2, 5)), np.zeros((2, 6, 5))
+            steps = range(6) if d == 0 else reversed(range(6))
+            for t in steps:
+                h = _numpy_cell(cell, h, layer_in[:, t], reset_after)
+                ys[:, t] = h
+            outs.append(ys)
+            finals.append(h)
+        layer_in = np.concatenate(outs, axis=-1)
+    np.testing.assert_allclose(out, layer_in, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_n, np.stack(finals), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_scan_equals_step_loop(reset_after):
+    params = gru_jax.init_gru(jax.random.key(4), 4, 3, num_layers=1)
+    cell = gru_jax.cell_of(params)
+    x = jax.random.normal(jax.random.key(5), (2, 9, 4))
+    h0 = jax.random.normal(jax.random.key(6), (1, 2, 3))
+    out, h_n = gru_jax.gru(params, x, h0, reset_after=reset_after)
+    h = h0[0]
+    for t in range(9):
+        h = gru_jax.gru_step(cell, h, x[:, t], reset_after=reset_after)
+        np.testing.assert_allclose(out[:, t], h, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_n[0], h, rtol=1e-6, atol=1e-6)
+
+
+def test_jit_equals_no_jit_with_traced_lengths():
+    params = gru_jax.init_gru(jax.random.key(7), 4, 3, num_layers=2, bidirectional=True)
+    x = jax.random.normal(jax.random.key(8), (3, 5, 4))
+    lengths = jnp.array([5, 0, 2])
+    eager = gru_jax.gru(params, x, lengths=lengths)
+    jitted = jax.jit(lambda p, x, n: gru_jax.gru(p, x, lengths=n))(params, x, lengths)
+    for a, b in zip(eager, jitted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_length_zero_gives_h0_and_zero_outputs_everywhere():
+    params = gru_jax.init_gru(jax.random.key(9), 4, 3, num_layers=2, bidirectional=True)
+    x = jax.random.normal(jax.random.key(10), (2, 5, 4))
+    h0 = jax.random.normal(jax.random.key(11), (4, 2, 3))
+    out, h_n = gru_jax.gru(params, x, h0, lengths=jnp.array([0, 3]))
+    np.testing.assert_array_equal(out[0], np.zeros((5, 6), np.float32))
+    np.testing.assert_array_equal(out[1, 3:], np.zeros((2, 6), np.float32))
+    np.testing.assert_array_equal(h_n[:, 0], h0[:, 0])
+    # A sequence cut to its length gives the same result as the padded batch.
+    alone, h_alone = gru_jax.gru(params, x[1:, :3], h0[:, 1:])
+    np.testing.assert_allclose(out[1:, :3], alone, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_n[:, 1:], h_alone, rtol=1e-6, atol=1e-6)
+
+
+def _dropout_setup():
+    params = gru_jax.init_gru(jax.random.key(12), 4, 8, num_layers=3)
+    x = jax.random.normal(jax.random.key(13), (4, 6, 4))
+    return params, x
+
+
+def test_dropout_is_identity_without_key():
+    params, x = _dropout_setup()
+    plain = gru_jax.gru(params, x)
+    no_key = gru_jax.gru(params, x, dropout=0.5)
+    for a, b in zip(plain, no_key, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_masks_depend_on_key_and_never_hit_last_layer():
+    params, x = _dropout_setup()
+    plain, _ = gru_jax.gru(params, x)
+    a, h_a = gru_jax.gru(params, x, dropout=0.5, key=jax.random.key(0))
+    a2, _ = gru_jax.gru(params, x, dropout=0.5, key=jax.random.key(0))
+    b, _ = gru_jax.gru(params, x, dropout=0.5, key=jax.random.key(1))
+    np.testing.assert_array_equal(a, a2)
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+    assert float(jnp.max(jnp.abs(a - plain))) > 1e-3
+    # Dropout on the last layer's output would zero about half of it; tanh never gives 0.
+    assert int(jnp.sum(a == 0.0)) == 0
+    np.testing.assert_array_equal(h_a[-1], a[:, -1])
+
+
+def test_dropout_scales_kept_units_by_inverse_keep_probability():
+    """Layer 2 sees layer 1's output with units zeroed or scaled by 1 / (1 - p)."""
+    params = gru_jax.init_gru(jax.random.key(14), 4, 8, num_layers=2)
+    x = jax.random.normal(jax.random.key(15), (4, 6, 4))
+    key, p = jax.random.key(3), 0.25
+    out, _ = gru_jax.gru(params, x, dropout=p, key=key)
+    y1, _ = gru_jax.gru({"layer_0": params["layer_0"]}, x)
+    # Rebuild the dropped input from the same key schedule the core documents (split per layer).
+    keep = jax.random.bernoulli(jax.random.split(key, 1)[0], 1 - p, (6, 4, 8))
+    dropped = jnp.where(jnp.swapaxes(keep, 0, 1), y1 / (1 - p), 0.0)
+    want, _ = gru_jax.gru({"layer_0": params["layer_1"]}, dropped)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_linen_dropout_uses_dropout_stream_only_when_not_deterministic():
+    model = gru_jax.GRU(8, num_layers=2, dropout=0.5)
+    x = jax.random.normal(jax.random.key(16), (2, 5, 3))
+    variables = model.init(jax.random.key(0), x)
+    det, _ = model.apply(variables, x)
+    no_drop, _ = gru_jax.GRU(8, num_layers=2).apply(variables, x)
+    np.testing.assert_array_equal(det, no_drop)
+    t1, _ = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    t2, _ = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert float(jnp.max(jnp.abs(t1 - t2))) > 1e-3
+    assert float(jnp.max(jnp.abs(t1 - det))) > 1e-3
+
+
+def test_linen_params_tree_layout_and_torch_init_bounds():
+    model = gru_jax.GRU(6, num_layers=2, bidirectional=True)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 3, 5)))["params"]
+    shapes = jax.tree.map(jnp.shape, params)
+    assert shapes == {
+        "layer_0": {"w_ih": (2, 5, 18), "w_hh": (2, 6, 18), "b_ih": (2, 18), "b_hh": (2, 18)},
+        "layer_1": {"w_ih": (2, 12, 18), "w_hh": (2, 6, 18), "b_ih": (2, 18), "b_hh": (2, 18)},
+    }
+    bound = 1 / np.sqrt(6)
+    for leaf in jax.tree.leaves(params):
+        assert float(jnp.max(jnp.abs(leaf))) <= bound
+        assert float(jnp.std(leaf)) > 0.5 * bound / np.sqrt(3)  # not a constant fill
