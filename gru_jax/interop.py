@@ -1,4 +1,12 @@
-"""Weights in and out: torch ``nn.GRU``/``nn.GRUCell`` state dicts <-> gru_jax params trees.
+"""Weights in and out: torch, Keras 3 and Flax GRUs <-> gru_jax params trees.
+
+* torch ``nn.GRU``/``nn.GRUCell`` state dicts: :func:`from_torch`, :func:`to_torch`;
+* Keras 3 ``layers.GRU`` / ``layers.Bidirectional(GRU)``: :func:`from_keras`;
+* ``flax.linen.GRUCell``: :func:`from_flax_linen_gru_cell`, :func:`to_flax_linen_gru_cell`;
+  ``flax.nnx.GRUCell``: :func:`from_flax_nnx_gru_cell`;
+* cell trees -> a stack tree: :func:`stack_cells`.
+
+Every converter checks what it is given and raises ``ValueError`` rather than load part of it.
 
 torch stores ``weight_ih_l{l}{sfx}`` as ``(3H, D)`` and ``weight_hh_l{l}{sfx}`` as ``(3H, H)``
 with gates ``r, z, n`` along the first axis (``sfx`` is ``""`` or ``"_reverse"``); gru_jax
@@ -12,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -146,3 +155,417 @@ def to_torch(tree) -> dict[str, np.ndarray]:
                 sfx = "_reverse" if d == 1 else ""
                 out[f"{inverse[name]}_l{layer}{sfx}"] = np.ascontiguousarray(value[d].T)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tree checks shared by the NNX modules and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _check_same_tree(expected, got, name: str = "params") -> None:
+    """Raises ``ValueError`` unless ``got`` has exactly ``expected``'s keys and leaf shapes."""
+    problems = []
+
+    def walk(exp, val, path):
+        if isinstance(exp, Mapping):
+            if not isinstance(val, Mapping):
+                problems.append(f"{path or '/'}: expected a mapping, got {type(val).__name__}")
+                return
+            for k in sorted(set(exp) - set(val), key=str):
+                problems.append(f"missing {path}/{k}")
+            for k in sorted(set(val) - set(exp), key=str):
+                problems.append(f"unexpected {path}/{k}")
+            for k in sorted(set(exp) & set(val), key=str):
+                walk(exp[k], val[k], f"{path}/{k}")
+            return
+        shape = getattr(val, "shape", None)
+        if shape is None or tuple(shape) != tuple(exp.shape):
+            problems.append(f"{path}: expected shape {tuple(exp.shape)}, got {shape}")
+
+    walk(expected, got, "")
+    if problems:
+        raise ValueError(f"{name} does not match the expected tree: " + "; ".join(problems))
+
+
+def stack_cells(layers) -> dict:
+    """Builds a stack params tree from cell trees, one per layer (and direction).
+
+    Args:
+      layers: a sequence with, per layer, a cell tree ``{"w_ih": (D, 3H), ...}`` or a pair
+        ``(forward, reverse)`` of cell trees for a bidirectional layer.
+
+    Returns:
+      ``{"layer_l": {"w_ih": (K, D_l, 3H), ...}}``; :func:`gru_jax.cell_of` is the inverse.
+
+    Raises:
+      ValueError: if the cells disagree in directions, bias, or shapes.
+    """
+    if isinstance(layers, Mapping) or not len(layers):
+        raise ValueError("layers must be a non-empty sequence of cell trees or (fwd, rev) pairs")
+    params = {}
+    for i, layer in enumerate(layers):
+        cells = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        if len(cells) not in (1, 2):
+            raise ValueError(f"layers[{i}] must be a cell or a (forward, reverse) pair")
+        for k, cell in enumerate(cells):
+            _core._cell_dims(cell, f"layers[{i}][{k}]")
+        keys = [set(c) for c in cells]
+        if any(k != keys[0] for k in keys):
+            raise ValueError(f"layers[{i}]: both directions must have the same keys; got {keys}")
+        params[f"layer_{i}"] = {
+            n: jnp.stack([jnp.asarray(c[n]) for c in cells]) for n in sorted(keys[0])
+        }
+    biased = {"b_ih" in lp for lp in params.values()}
+    if len(biased) != 1:
+        raise ValueError("either every layer or no layer must have biases")
+    try:
+        _core.stack_dims(params)
+    except ValueError as err:
+        raise ValueError(f"layers do not form a stack: {err}") from None
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# Keras 3
+# --------------------------------------------------------------------------------------------
+
+# Keras orders the gates z, r, h (h is our n); ours are r, z, n.
+_KERAS_TO_OURS = (1, 0, 2)
+
+
+def _keras_gates(a: np.ndarray, hidden: int) -> np.ndarray:
+    """Reorders the last axis of a Keras ``(..., 3H)`` array from ``z, r, h`` to ``r, z, n``."""
+    blocks = [a[..., g * hidden : (g + 1) * hidden] for g in _KERAS_TO_OURS]
+    return np.concatenate(blocks, axis=-1)
+
+
+def _keras_cell(weights, where: str) -> tuple[dict, bool | None]:
+    """One Keras GRU's ``[kernel, recurrent_kernel(, bias)]`` -> (cell tree, reset_after)."""
+    weights = [np.asarray(w) for w in weights]
+    if len(weights) not in (2, 3):
+        raise ValueError(
+            f"{where}: expected [kernel, recurrent_kernel] or [kernel, recurrent_kernel, bias]; "
+            f"got {len(weights)} arrays"
+        )
+    kernel, recurrent = weights[0], weights[1]
+    if recurrent.ndim != 2 or recurrent.shape[1] != 3 * recurrent.shape[0]:
+        raise ValueError(f"{where}: recurrent_kernel must be (H, 3H); got {recurrent.shape}")
+    hidden = recurrent.shape[0]
+    if kernel.ndim != 2 or kernel.shape[1] != 3 * hidden:
+        raise ValueError(f"{where}: kernel must be (D, 3H) = (D, {3 * hidden}); got {kernel.shape}")
+    cell = {"w_ih": _keras_gates(kernel, hidden), "w_hh": _keras_gates(recurrent, hidden)}
+    reset_after = None
+    if len(weights) == 3:
+        bias = _keras_gates(weights[2], hidden)
+        if bias.shape == (2, 3 * hidden):  # reset_after=True: [input bias, recurrent bias]
+            reset_after = True
+            cell["b_ih"], cell["b_hh"] = bias[0], bias[1]
+        elif bias.shape == (3 * hidden,):  # reset_after=False: one bias, on the input side
+            reset_after = False
+            cell["b_ih"], cell["b_hh"] = bias, np.zeros_like(bias)
+        else:
+            raise ValueError(
+                f"{where}: bias must be (2, 3H) (reset_after=True) or (3H,) (reset_after=False) "
+                f"with 3H = {3 * hidden}; got {weights[2].shape}"
+            )
+    return {k: jnp.asarray(v) for k, v in cell.items()}, reset_after
+
+
+def _keras_gru_layer(layer, where: str, *, backward: bool = False):
+    """Validates a Keras ``layers.GRU`` and returns (cell tree, reset_after)."""
+    import keras  # The caller holds a Keras layer, so Keras is importable.
+
+    if not isinstance(layer, keras.layers.GRU):
+        raise ValueError(
+            f"{where}: expected a keras.layers.GRU or keras.layers.Bidirectional(GRU); "
+            f"got {type(layer).__name__}"
+        )
+    if not layer.built or not layer.weights:
+        raise ValueError(f"{where}: the Keras layer is not built; call it on an input first")
+    cell = layer.cell
+    if cell.activation is not keras.activations.tanh:
+        raise ValueError(f"{where}: activation must be tanh; got {cell.activation.__name__}")
+    if cell.recurrent_activation is not keras.activations.sigmoid:
+        raise ValueError(
+            f"{where}: recurrent_activation must be sigmoid; "
+            f"got {cell.recurrent_activation.__name__}"
+        )
+    if bool(layer.go_backwards) != backward:
+        raise ValueError(
+            f"{where}: go_backwards={layer.go_backwards} is not supported here "
+            + (
+                "(the reverse layer of a Bidirectional must have go_backwards=True)"
+                if backward
+                else "(a go_backwards GRU equals gru_jax on the time-reversed input with the "
+                "output reversed; convert it with go_backwards=False weights: "
+                "from_keras(layer.get_weights()))"
+            )
+        )
+    tree, reset_after = _keras_cell(layer.get_weights(), where)
+    if reset_after is not None and reset_after != bool(layer.reset_after):
+        raise ValueError(f"{where}: bias shape disagrees with reset_after={layer.reset_after}")
+    return tree, bool(layer.reset_after)
+
+
+def _keras_layer(layer, where: str) -> tuple[list, bool]:
+    """A Keras GRU or Bidirectional(GRU) -> ([cell] or [fwd, rev], reset_after)."""
+    import keras
+
+    if isinstance(layer, keras.layers.Bidirectional):
+        if layer.merge_mode not in ("concat", None):
+            raise ValueError(
+                f"{where}: Bidirectional merge_mode={layer.merge_mode!r} cannot be expressed by "
+                "gru_jax, whose output concatenates the directions; use merge_mode='concat' "
+                "(or None) and merge gru_jax's output[..., :H] and output[..., H:] yourself"
+            )
+        fwd, ra_f = _keras_gru_layer(layer.forward_layer, f"{where}.forward_layer")
+        rev, ra_r = _keras_gru_layer(layer.backward_layer, f"{where}.backward_layer", backward=True)
+        if ra_f != ra_r:
+            raise ValueError(f"{where}: forward and backward layers differ in reset_after")
+        return [fwd, rev], ra_f
+    cell, reset_after = _keras_gru_layer(layer, where)
+    return [cell], reset_after
+
+
+def from_keras(layer_or_weights) -> dict:
+    r"""Converts a Keras 3 ``GRU`` / ``Bidirectional(GRU)`` into a gru_jax stack params tree.
+
+    Keras stores ``kernel (D, 3H)``, ``recurrent_kernel (H, 3H)`` in gate order ``z, r, h``
+    (ours: ``r, z, n``; ``h`` is our ``n``) and a bias of shape ``(2, 3H)`` (input and
+    recurrent bias) when ``reset_after=True``, ``(3H,)`` (input side only) when
+    ``reset_after=False``. The kernels are reordered; with ``reset_after=False`` the tree
+    gets ``b_hh = 0``. Keras's ``h_t = z h_{t-1} + (1 - z) \tilde h`` is ours. The result
+    reproduces the layer exactly when the gru_jax model is built with
+    ``reset_after=layer.reset_after`` and ``bias=layer.use_bias`` (the tree does not
+    carry ``reset_after``: pass it). Keras is batch-major, as gru_jax's default
+    ``batch_first=True``.
+
+    Keras outputs in terms of ``output, h_n = gru_jax.gru(tree, x, h0, lengths=...)``:
+
+    * ``GRU(return_sequences=True)``: ``output``; ``return_sequences=False``:
+      ``h_n[-1]`` (the last valid step's output); ``return_state=True`` adds
+      ``h_n[-1]``; ``initial_state=[h]`` is ``h0=h[None]``.
+    * ``Bidirectional(GRU(...), merge_mode="concat")``: ``output``
+      (``return_sequences=False``: ``concat([h_n[-2], h_n[-1]], -1)``); the states it
+      returns are ``h_n[-2]`` (forward) and ``h_n[-1]`` (backward). ``merge_mode=None``
+      returns ``[output[..., :H], output[..., H:]]``.
+    * A right-padded Keras mask (``mask[b, t] = t < lengths[b]``) is ``lengths``: states and
+      valid outputs agree; gru_jax's output is zero at padded steps.
+
+    Args:
+      layer_or_weights: a built ``keras.layers.GRU`` or ``keras.layers.Bidirectional``
+        wrapping one; a sequence of such layers (a stack whose layers feed each other, each
+        but the last with ``return_sequences=True``); or the list ``layer.get_weights()``
+        returns: ``[kernel, recurrent_kernel(, bias)]`` for a GRU, twice that (forward then
+        backward) for a Bidirectional.
+
+    Returns:
+      ``{"layer_l": {"w_ih": (K, D_l, 3H), "w_hh": (K, H, 3H), "b_ih": (K, 3H),
+      "b_hh": (K, 3H)}}`` (no biases when ``use_bias=False``), as :func:`from_torch`.
+
+    Raises:
+      ValueError: a layer that is not a GRU (or Bidirectional GRU); an unbuilt layer; a
+        ``merge_mode`` other than ``"concat"``/``None``; activations other than
+        tanh/sigmoid; a stand-alone ``go_backwards`` GRU; weights of the wrong number or
+        shape; stacked layers that disagree in ``reset_after``, bias or sizes.
+    """
+    if hasattr(layer_or_weights, "get_weights"):
+        cells, _ = _keras_layer(layer_or_weights, "layer")
+        return stack_cells([cells])
+    if isinstance(layer_or_weights, Mapping) or not isinstance(layer_or_weights, (list, tuple)):
+        raise ValueError(
+            "from_keras expects a Keras GRU/Bidirectional layer, a list of them, or a "
+            f"get_weights() list; got {type(layer_or_weights).__name__}"
+        )
+    items = list(layer_or_weights)
+    if items and all(hasattr(item, "get_weights") for item in items):
+        layers, modes = [], set()
+        for i, layer in enumerate(items):
+            cells, reset_after = _keras_layer(layer, f"layers[{i}]")
+            layers.append(cells)
+            modes.add(reset_after)
+        if len(modes) > 1:
+            raise ValueError("stacked Keras layers must all have the same reset_after")
+        return stack_cells(layers)
+    if len(items) in (2, 3):
+        cell, _ = _keras_cell(items, "weights")
+        return stack_cells([[cell]])
+    if len(items) in (4, 6):
+        half = len(items) // 2
+        fwd, ra_f = _keras_cell(items[:half], "weights (forward)")
+        rev, ra_r = _keras_cell(items[half:], "weights (backward)")
+        if ra_f != ra_r:
+            raise ValueError("forward and backward weights differ in reset_after (bias shape)")
+        return stack_cells([[fwd, rev]])
+    raise ValueError(
+        "a get_weights() list must have 2 or 3 arrays (GRU) or 4 or 6 (Bidirectional); "
+        f"got {len(items)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Flax's own GRU cells
+# --------------------------------------------------------------------------------------------
+
+_LINEN_KEYS = {
+    "ir": {"kernel", "bias"},
+    "iz": {"kernel", "bias"},
+    "in": {"kernel", "bias"},
+    "hr": {"kernel"},
+    "hz": {"kernel"},
+    "hn": {"kernel", "bias"},
+}
+
+
+def _unwrap_flax(tree):
+    tree = _unwrap(tree)
+    if isinstance(tree, Mapping) and set(tree) == {"cell"}:  # nn.RNN(cell) params
+        tree = tree["cell"]
+    return tree
+
+
+def _check_keys(tree, expected: dict, name: str) -> None:
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"{name} must be a mapping; got {type(tree).__name__}")
+    problems = []
+    if set(tree) != set(expected):
+        problems.append(f"keys {sorted(tree)}, expected {sorted(expected)}")
+    for k in sorted(set(tree) & set(expected)):
+        sub = tree[k]
+        if not isinstance(sub, Mapping) or set(sub) != expected[k]:
+            got = sorted(sub) if isinstance(sub, Mapping) else type(sub).__name__
+            problems.append(f"{k}: keys {got}, expected {sorted(expected[k])}")
+    if problems:
+        raise ValueError(f"{name} is not a Flax GRUCell params tree: " + "; ".join(problems))
+
+
+def from_flax_linen_gru_cell(params) -> dict:
+    r"""Converts a ``flax.linen.GRUCell`` params tree into a gru_jax cell tree, exactly.
+
+    Flax's linen cell has six ``Dense`` layers: ``ir``, ``iz``, ``in`` (kernel ``(D, H)`` and
+    bias), ``hr``, ``hz`` (kernel ``(H, H)``, no bias) and ``hn`` (kernel and bias), and
+    computes the reset-after cell ``n = tanh(x W_in + b_in + r (h W_hn + b_hn))``. The gates
+    are concatenated in the order ``r, z, n`` and ``b_hr = b_hz = 0``, so the tree
+    reproduces the Flax cell with ``reset_after=True`` (the default) when Flax used its
+    default ``gate_fn=sigmoid`` and ``activation_fn=tanh``.
+
+    Args:
+      params: ``{"ir": {"kernel", "bias"}, ..., "hn": {"kernel", "bias"}}``; linen
+        variables ``{"params": ...}`` and ``nn.RNN``'s ``{"cell": ...}`` are unwrapped.
+
+    Returns:
+      ``{"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,)}`` for
+      :class:`gru_jax.GRUCell` / :class:`gru_jax.nnx.GRUCell`, or, through
+      :func:`stack_cells`, for :class:`gru_jax.GRU`.
+
+    Raises:
+      ValueError: on missing or extra entries or inconsistent shapes.
+    """
+    tree = _unwrap_flax(params)
+    _check_keys(tree, _LINEN_KEYS, "params")
+    a = {g: {k: jnp.asarray(v) for k, v in tree[g].items()} for g in _LINEN_KEYS}
+    cell = {
+        "w_ih": _concat_gates([a["ir"]["kernel"], a["iz"]["kernel"], a["in"]["kernel"]], "w_ih"),
+        "w_hh": _concat_gates([a["hr"]["kernel"], a["hz"]["kernel"], a["hn"]["kernel"]], "w_hh"),
+        "b_ih": _concat_gates([a["ir"]["bias"], a["iz"]["bias"], a["in"]["bias"]], "b_ih"),
+    }
+    b_hn = a["hn"]["bias"]
+    zeros = jnp.zeros_like(b_hn)
+    cell["b_hh"] = _concat_gates([zeros, zeros, b_hn], "b_hh")
+    _core._cell_dims(cell, "converted Flax GRUCell params")
+    return cell
+
+
+def _concat_gates(arrays, name: str):
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"Flax GRUCell gates of {name} differ in shape: {[a.shape for a in arrays]}"
+        )
+    return jnp.concatenate(arrays, axis=-1)
+
+
+def to_flax_linen_gru_cell(cell) -> dict:
+    r"""Converts a gru_jax cell tree into ``flax.linen.GRUCell`` params.
+
+    Flax's cell has no ``b_hr``/``b_hz`` (``hr``/``hz`` have no bias), so they are folded
+    into ``ir``/``iz``'s biases: the function is the same (up to float rounding of the
+    sum; exact when they are zero, as after :func:`from_flax_linen_gru_cell`). A cell
+    without bias gets zero biases. Flax's cell is reset-after: only a tree used with
+    ``reset_after=True`` keeps its meaning.
+
+    Args:
+      cell: ``{"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,)}`` (or
+        wrapped as ``{"params": cell}``); e.g. ``gru_jax.cell_of(stack_tree, l, k)``.
+
+    Returns:
+      ``{"ir": {"kernel": (D, H), "bias": (H,)}, ..., "hn": {"kernel": (H, H),
+      "bias": (H,)}}``, to use as ``nn.GRUCell(H).apply({"params": tree}, h, x)``.
+
+    Raises:
+      ValueError: if ``cell`` is not a cell tree.
+    """
+    cell = _unwrap(cell)
+    _, hidden = _core._cell_dims(cell, "cell")
+    dtype = cell["w_ih"].dtype
+    w_ih = jnp.split(jnp.asarray(cell["w_ih"]), 3, axis=-1)
+    w_hh = jnp.split(jnp.asarray(cell["w_hh"]), 3, axis=-1)
+    if "b_ih" in cell:
+        b_ih = jnp.split(jnp.asarray(cell["b_ih"]), 3)
+        b_hh = jnp.split(jnp.asarray(cell["b_hh"]), 3)
+    else:
+        b_ih = b_hh = [jnp.zeros((hidden,), dtype)] * 3
+    return {
+        "ir": {"kernel": w_ih[0], "bias": b_ih[0] + b_hh[0]},
+        "iz": {"kernel": w_ih[1], "bias": b_ih[1] + b_hh[1]},
+        "in": {"kernel": w_ih[2], "bias": b_ih[2]},
+        "hr": {"kernel": w_hh[0]},
+        "hz": {"kernel": w_hh[1]},
+        "hn": {"kernel": w_hh[2], "bias": b_hh[2]},
+    }
+
+
+def from_flax_nnx_gru_cell(cell_or_state) -> dict:
+    r"""Converts a ``flax.nnx.GRUCell`` (flax 0.12) into a gru_jax cell tree, exactly.
+
+    ``flax.nnx.GRUCell`` has one input ``Linear`` ``dense_i`` (kernel ``(D, 3H)`` and bias,
+    gates ``r, z, n``) and one recurrent ``Linear`` ``dense_h`` (kernel ``(H, 3H)``, **no
+    bias**). Its docstring shows ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))``, but the
+    code has no ``b_hn`` (nor ``b_hr``, ``b_hz``): it computes
+    ``n = tanh(W_in x + b_in + r (W_hn h))``, a different function from
+    ``flax.linen.GRUCell`` and ``torch.nn.GRUCell`` whenever their ``b_hn != 0``. The
+    conversion sets ``b_hh = 0`` (hence ``b_hn = 0``), which reproduces that function
+    exactly with ``reset_after=True``.
+
+    Args:
+      cell_or_state: a ``flax.nnx.GRUCell`` (its ``gate_fn``/``activation_fn`` must be the
+        default sigmoid/tanh), its ``nnx.state(cell, nnx.Param)``, or that state's
+        ``to_pure_dict()``: ``{"dense_i": {"kernel", "bias"}, "dense_h": {"kernel"}}``.
+
+    Returns:
+      ``{"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,) = 0}``.
+
+    Raises:
+      ValueError: on other activations, missing or extra entries, inconsistent shapes.
+    """
+    from flax import nnx  # Flax is a dependency; imported here to keep this module light.
+
+    tree = cell_or_state
+    if isinstance(tree, nnx.GRUCell):
+        for attr, want in (("gate_fn", jax.nn.sigmoid), ("activation_fn", jnp.tanh)):
+            if getattr(tree, attr) is not want:
+                raise ValueError(f"nnx.GRUCell.{attr} must be the default {want.__name__}")
+        tree = nnx.state(tree, nnx.Param)
+    if isinstance(tree, nnx.State):
+        tree = tree.to_pure_dict()
+    tree = _unwrap_flax(tree)
+    _check_keys(tree, {"dense_i": {"kernel", "bias"}, "dense_h": {"kernel"}}, "cell_or_state")
+    b_ih = jnp.asarray(tree["dense_i"]["bias"])
+    cell = {
+        "w_ih": jnp.asarray(tree["dense_i"]["kernel"]),
+        "w_hh": jnp.asarray(tree["dense_h"]["kernel"]),
+        "b_ih": b_ih,
+        "b_hh": jnp.zeros_like(b_ih),
+    }
+    _core._cell_dims(cell, "converted nnx.GRUCell params")
+    return cell

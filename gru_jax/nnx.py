@@ -1,0 +1,389 @@
+"""Flax NNX modules over the pure core: parameters and rng streams only, no math.
+
+:class:`GRU` and :class:`GRUCell` hold exactly the core's params tree (see
+:mod:`gru_jax._core`) as :class:`flax.nnx.Param` leaves, so that
+
+* ``nnx.state(model, nnx.Param).to_pure_dict()`` (or :meth:`GRU.params_tree`) is the same
+  tree as the linen module's ``variables["params"]``, :func:`gru_jax.interop.from_torch`'s
+  output and what :mod:`gru_jax.checkpoint` saves;
+* any such tree loads into a module with one line, checked (keys, shapes) so that a wrong
+  tree never loads partially::
+
+      model = gru_jax.nnx.GRU.from_params(tree, rngs=nnx.Rngs(0))  # a new module
+      model.load_params(tree)                                       # an existing one
+
+  (``nnx.update(model, tree)`` also works, unchecked.)
+
+Unlike the linen modules, NNX modules take ``in_features`` at construction and follow NNX's
+training-mode convention (that of ``nnx.Dropout`` and ``torch.nn.Module``): dropout between
+layers is active until ``model.eval()`` or ``deterministic=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gru_jax import _core, initializers, interop
+
+Initializer = initializers.Initializer
+
+
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+class _ParamsTree:
+    """Reading and checked loading of a module's params tree (shared by GRU and GRUCell)."""
+
+    def params_tree(self) -> dict:
+        """Returns the params tree as plain arrays: the linen/``from_torch`` layout.
+
+        Equal to ``nnx.state(self, nnx.Param).to_pure_dict()``.
+        """
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    def load_params(self, params) -> None:
+        """Replaces the parameters in place by ``params`` (checked, all or nothing).
+
+        Args:
+          params: a params tree of the same layout (linen ``variables``, ``{"params": tree}``,
+            :func:`gru_jax.interop.from_torch` output, :func:`gru_jax.checkpoint.restore`
+            output, another module's :meth:`params_tree`). Arrays are cast to this module's
+            parameter dtypes.
+
+        Raises:
+          ValueError: if the keys or any shape differ from this module's; nothing is loaded.
+        """
+        current = self.params_tree()
+        params = interop._unwrap(params)
+        interop._check_same_tree(current, params, "params")
+        cast = jax.tree.map(lambda old, new: jnp.asarray(new, old.dtype), current, dict(params))
+        nnx.update(self, cast)
+
+
+class GRU(nnx.Module, _ParamsTree):
+    r"""Multi-layer, optionally bidirectional GRU with ``torch.nn.GRU`` semantics (Flax NNX).
+
+    The NNX twin of :class:`gru_jax.GRU`: the same options, call and parameter tree, run by
+    :func:`gru_jax.gru` (gates ``r, z, n``; equations in :func:`gru_jax.gru_step`).
+
+    Args:
+      in_features: ``D``, input features of the first layer.
+      hidden_size: ``H``, features of the hidden state.
+      num_layers: ``L``, stacked layers.
+      bias: whether the layers have ``b_ih``/``b_hh``.
+      batch_first: ``x``/``output`` are ``(B, T, ·)`` if True (default, unlike torch) else
+        ``(T, B, ·)``.
+      dropout: drop probability on each layer's output but the last (as torch), applied
+        while the module is in training mode (``deterministic=False``).
+      bidirectional: run a reverse direction too (``K = 2``).
+      reset_after: ``True``: torch/cuDNN cell; ``False``: Cho et al. (2014).
+      dtype: matmul input dtype (e.g. ``jnp.bfloat16``); carry and gates stay float32.
+      param_dtype: dtype of the parameters.
+      kernel_init, recurrent_kernel_init, bias_init: initializers of one direction's
+        ``w_ih (D, 3H)``, ``w_hh (H, 3H)`` and biases ``(3H,)``; ``None``: torch's
+        ``U(-1/sqrt(H), 1/sqrt(H))``.
+      unroll: scan unroll factor.
+      remat: recompute steps in the backward pass to save memory.
+      deterministic: initial mode; ``False`` (training, as ``nnx.Dropout``) applies dropout.
+        Set by ``model.train()`` / ``model.eval()``, overridden per call.
+      rngs: ``nnx.Rngs``; the ``params`` stream initializes the weights and the ``dropout``
+        stream (falling back to ``default``) is forked for dropout.
+
+    Attributes:
+      layer_0, layer_1, ...: ``nnx.Dict`` of ``nnx.Param``: ``w_ih (K, D_l, 3H)``,
+        ``w_hh (K, H, 3H)``, ``b_ih``/``b_hh (K, 3H)``, as in :mod:`gru_jax._core`.
+
+    Call ``model(x, h0=None, *, lengths=None, deterministic=None, rngs=None)
+    -> (output, h_n)``; shapes as :func:`gru_jax.gru`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        reset_after: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer | None = None,
+        recurrent_kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        unroll: int = 1,
+        remat: bool = False,
+        *,
+        deterministic: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        _check_size("in_features", in_features)
+        _check_size("hidden_size", hidden_size)
+        _check_size("num_layers", num_layers)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = dropout
+        self.bidirectional = bidirectional
+        self.reset_after = reset_after
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.unroll = unroll
+        self.remat = remat
+        self.deterministic = deterministic
+        tree = initializers.init_gru(
+            rngs.params(),
+            in_features,
+            hidden_size,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            bias=bias,
+            kernel_init=kernel_init,
+            recurrent_kernel_init=recurrent_kernel_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+        )
+        for name, layer in tree.items():
+            setattr(self, name, nnx.Dict({k: nnx.Param(v) for k, v in layer.items()}))
+        # Only a module that can drop needs a stream (a params-only Rngs is then enough).
+        self.rngs = nnx.data(None)
+        if dropout > 0.0 and num_layers > 1:
+            try:
+                self.rngs = rngs["dropout"].fork()
+            except KeyError:
+                pass  # No stream: pass `rngs` to __call__ when training.
+
+    @classmethod
+    def from_params(cls, params, *, rngs: nnx.Rngs, **options) -> GRU:
+        """Builds a module around an existing stack params tree.
+
+        ``in_features``, ``hidden_size``, ``num_layers``, ``bidirectional``, ``bias`` and
+        ``param_dtype`` are read from the tree; other options (``reset_after``,
+        ``batch_first``, ``dropout``, ...) are passed as keywords.
+
+        Args:
+          params: ``{"layer_l": {"w_ih": (K, D_l, 3H), ...}}`` (or ``{"params": tree}``), e.g.
+            from :func:`gru_jax.interop.from_torch` or a linen module's variables.
+          rngs: ``nnx.Rngs`` (dropout stream; the initial weights are replaced).
+          **options: the remaining constructor arguments.
+
+        Returns:
+          A :class:`GRU` whose :meth:`params_tree` equals ``params``.
+
+        Raises:
+          ValueError: if ``params`` is not a well-formed stack tree.
+        """
+        params = interop._unwrap(params)
+        num_layers, num_dirs, in_features, hidden = _core.stack_dims(params)
+        model = cls(
+            in_features,
+            hidden,
+            num_layers=num_layers,
+            bidirectional=num_dirs == 2,
+            bias="b_ih" in params["layer_0"],
+            param_dtype=params["layer_0"]["w_ih"].dtype,
+            rngs=rngs,
+            **options,
+        )
+        model.load_params(params)
+        return model
+
+    def __call__(self, x, h0=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
+        """Runs the GRU.
+
+        Args:
+          x: ``(B, T, D)`` if ``batch_first`` else ``(T, B, D)``, or unbatched ``(T, D)``.
+          h0: ``(L*K, B, H)`` (unbatched ``(L*K, H)``) or ``None`` for zeros.
+          lengths: integer ``(B,)`` valid lengths in ``[0, T]``, or ``None``.
+          deterministic: overrides the module's mode for this call; ``False`` with
+            ``dropout > 0`` applies dropout between layers.
+          rngs: overrides the module's dropout stream: an ``nnx.Rngs`` (its ``dropout``
+            stream), an ``nnx.RngStream`` or a PRNG key.
+
+        Returns:
+          ``(output, h_n)``: ``(B, T, K*H)`` (or time-major/unbatched) and ``(L*K, B, H)``.
+
+        Raises:
+          ValueError: as :func:`gru_jax.gru`; also if dropout must be applied and there is no
+            rng stream.
+        """
+        deterministic = self.deterministic if deterministic is None else deterministic
+        key = None
+        if self.dropout > 0.0 and not deterministic and self.num_layers > 1:
+            key = self._dropout_key(rngs)
+        params = {
+            f"layer_{i}": {k: p[...] for k, p in getattr(self, f"layer_{i}").items()}
+            for i in range(self.num_layers)
+        }
+        return _core.gru(
+            params,
+            x,
+            h0,
+            lengths=lengths,
+            batch_first=self.batch_first,
+            dropout=self.dropout,
+            key=key,
+            reset_after=self.reset_after,
+            unroll=self.unroll,
+            remat=self.remat,
+            dtype=self.dtype,
+        )
+
+    def _dropout_key(self, rngs):
+        source = self.rngs if rngs is None else rngs
+        if isinstance(source, nnx.Rngs):
+            return source["dropout"]()
+        if isinstance(source, nnx.RngStream):
+            return source()
+        if isinstance(source, jax.Array):
+            return source
+        if source is None:
+            raise ValueError(
+                "dropout is active (deterministic=False) but the module has no 'dropout' or "
+                "'default' rng stream: build it with rngs=nnx.Rngs(params=..., dropout=...), "
+                "pass rngs= to the call, or use model.eval() / deterministic=True"
+            )
+        raise TypeError(
+            f"rngs must be an nnx.Rngs, nnx.RngStream or PRNG key; got {type(source).__name__}"
+        )
+
+
+class GRUCell(nnx.Module, _ParamsTree):
+    r"""One GRU step, the ``torch.nn.GRUCell`` twin (Flax NNX), usable in ``nnx.RNN``.
+
+    Implements ``nnx.RNNCellBase``'s interface: ``cell(carry, x) -> (h', h')``,
+    ``initialize_carry(input_shape, rngs=None)`` and ``num_feature_axes``, so it drops into
+    ``flax.nnx.RNN`` and ``flax.nnx.Bidirectional``. torch's ``h = cell(x, h)`` is
+    ``h, _ = cell(h, x)``. Equations: :func:`gru_jax.gru_step`.
+
+    Args:
+      in_features: ``D``.
+      hidden_size: ``H``.
+      bias: whether the cell has ``b_ih``/``b_hh``.
+      reset_after: ``True``: torch cell; ``False``: Cho et al. (2014).
+      dtype, param_dtype, kernel_init, recurrent_kernel_init, bias_init: as :class:`GRU`.
+      carry_init: initializer of the carry in :meth:`initialize_carry`; ``None``: zeros.
+      rngs: ``nnx.Rngs``; the ``params`` stream initializes the weights.
+
+    Attributes:
+      w_ih, w_hh, b_ih, b_hh: ``nnx.Param`` of shapes ``(D, 3H)``, ``(H, 3H)``, ``(3H,)``,
+        ``(3H,)`` (biases absent without ``bias``): the linen ``GRUCell`` tree.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        bias: bool = True,
+        reset_after: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer | None = None,
+        recurrent_kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        carry_init: Initializer | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        _check_size("in_features", in_features)
+        _check_size("hidden_size", hidden_size)
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.reset_after = reset_after
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+        cell = initializers.init_cell(
+            rngs.params(),
+            in_features,
+            hidden_size,
+            bias=bias,
+            kernel_init=kernel_init,
+            recurrent_kernel_init=recurrent_kernel_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+        )
+        for name, value in cell.items():
+            setattr(self, name, nnx.Param(value))
+
+    @classmethod
+    def from_params(cls, params, *, rngs: nnx.Rngs, **options) -> GRUCell:
+        """Builds a cell around an existing cell params tree.
+
+        ``in_features``, ``hidden_size``, ``bias`` and ``param_dtype`` are read from
+        ``params`` (``{"w_ih": (D, 3H), "w_hh": (H, 3H), ...}``, e.g. from
+        :func:`gru_jax.interop.from_torch` of an ``nn.GRUCell`` or
+        :func:`gru_jax.interop.from_flax_linen_gru_cell`); ``reset_after`` etc. are keywords.
+
+        Raises:
+          ValueError: if ``params`` is not a well-formed cell tree.
+        """
+        params = interop._unwrap(params)
+        in_features, hidden = _core._cell_dims(params, "params")
+        cell = cls(
+            in_features,
+            hidden,
+            bias="b_ih" in params,
+            param_dtype=params["w_ih"].dtype,
+            rngs=rngs,
+            **options,
+        )
+        cell.load_params(params)
+        return cell
+
+    def __call__(self, carry, inputs):
+        """One step.
+
+        Args:
+          carry: ``h``, ``(*batch, H)``.
+          inputs: ``x``, ``(*batch, D)``.
+
+        Returns:
+          ``(h', h')``, each ``(*batch, H)`` in the dtype of ``carry``.
+        """
+        cell = {name: getattr(self, name)[...] for name in self._names()}
+        h_new = _core.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
+        return h_new, h_new
+
+    def _names(self):
+        return ("w_ih", "w_hh", "b_ih", "b_hh") if self.bias else ("w_ih", "w_hh")
+
+    def initialize_carry(
+        self,
+        input_shape: tuple[int, ...],
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        carry_init: Initializer | None = None,
+    ):
+        """Initial state ``(*batch, H)`` for inputs ``(*batch, D)``, in ``param_dtype``.
+
+        Args:
+          input_shape: shape of one step's input, ``(*batch, D)``.
+          rngs: only needed by a random ``carry_init``: an ``nnx.Rngs`` (its ``carry``
+            stream) or ``nnx.RngStream``, as ``nnx.RNN`` passes it.
+          carry_init: overrides the constructor's ``carry_init``; ``None`` for both: zeros.
+        """
+        shape = (*tuple(input_shape)[:-1], self.hidden_size)
+        init = carry_init or self.carry_init
+        if init is None:
+            return jnp.zeros(shape, self.param_dtype)
+        if isinstance(rngs, nnx.Rngs):
+            rngs = rngs.carry
+        if rngs is None:
+            raise ValueError("initialize_carry needs rngs when a carry_init is given")
+        return init(rngs(), shape, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
