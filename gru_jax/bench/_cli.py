@@ -1,0 +1,243 @@
+"""``python -m gru_jax.bench``: run everything, write Markdown, JSON and a PNG to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gru_jax.bench import _harness as h
+from gru_jax.bench._peers import PEERS, Config
+
+SWEEP_STEPS = (32, 128, 512, 2048)
+QUICK_SWEEP_STEPS = (16, 64, 256)
+COMPILE_STEPS = (64, 256, 1024, 4096)
+QUICK_COMPILE_STEPS = (64, 512, 4096)
+COMPILE_LAYERS = tuple(range(1, 9))
+QUICK_COMPILE_LAYERS = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one run measures; :func:`plan` builds the full and ``--quick`` ones."""
+
+    configs: Sequence[Config]
+    reps: int
+    peers: Sequence[str]
+    sweep_steps: Sequence[int] = ()
+    compile_steps: Sequence[int] = ()
+    compile_layers: Sequence[int] = ()
+    memory_configs: Sequence[Config] = ()
+    matmul_n: int = 2048
+
+
+def plan(quick: bool, reps: int | None = None, peers: Sequence[str] | None = None) -> Plan:
+    configs = h.QUICK_CONFIGS if quick else h.CONFIGS
+    return Plan(
+        configs=configs,
+        reps=reps or 7,
+        peers=list(PEERS) if peers is None else list(peers),
+        sweep_steps=QUICK_SWEEP_STEPS if quick else SWEEP_STEPS,
+        compile_steps=QUICK_COMPILE_STEPS if quick else COMPILE_STEPS,
+        compile_layers=QUICK_COMPILE_LAYERS if quick else COMPILE_LAYERS,
+        memory_configs=(configs[1], configs[3]),
+    )
+
+
+def run(p: Plan, out: Path, command: str = "", log=None) -> str:
+    """Runs plan ``p``; writes ``results.md``, ``results.json``, ``time_vs_T.png`` to ``out``.
+
+    Returns the Markdown report.
+    """
+    log = log or functools.partial(print, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    load_before = h.load_average()
+    info = h.machine()
+    log(f"machine: {info.get('cpu')}, {info.get('cores')} cores; load {load_before}")
+
+    rate = h.matmul_rate(p.matmul_n)
+    log(f"matmul rate ({p.matmul_n}^3 jnp.dot): {rate / 1e9:.1f} GFLOP/s")
+
+    log(f"peers on {len(p.configs)} configs, {p.reps} interleaved reps:")
+    rows = h.compare(p.configs, p.peers, p.reps, notes=notes, log=log)
+
+    sweep_rows = []
+    if p.sweep_steps:
+        log(f"time vs T: {list(p.sweep_steps)}")
+        sweep_rows = h.time_vs_steps(p.sweep_steps, p.peers, p.reps, notes=notes)
+
+    compile_t = []
+    base = Config("compile", 16, 128, 128, 256)
+    for t in p.compile_steps:
+        cfg = dataclasses.replace(base, steps=t)
+        compile_t.append((t, h.compile_seconds(cfg, "forward"), h.compile_seconds(cfg, "train")))
+    if compile_t:
+        log("compile vs T: " + ", ".join(f"T={t}: {f:.2f}/{g:.2f} s" for t, f, g in compile_t))
+    compile_l = []
+    for n in p.compile_layers:
+        cfg = dataclasses.replace(base, layers=n)
+        compile_l.append((n, h.compile_seconds(cfg, "forward"), h.compile_seconds(cfg, "train")))
+    if compile_l:
+        log("compile vs L: " + ", ".join(f"L={n}: {f:.2f}/{g:.2f} s" for n, f, g in compile_l))
+
+    memory = []
+    for cfg in p.memory_configs:
+        for remat in (False, True):
+            memory.append((cfg, remat, h.backward_memory(cfg, remat)))
+    load_after = h.load_average()
+    elapsed = time.perf_counter() - t_start
+
+    md = _report(
+        p, info, rate, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
+        (load_before, load_after), elapsed, out,
+    )  # fmt: skip
+    (out / "results.md").write_text(md)
+    h.write_json(
+        out / "results.json",
+        {
+            "machine": info,
+            "command": command,
+            "load_average": [load_before, load_after],
+            "matmul_flops_per_s": rate,
+            "rows": rows,
+            "sweep": sweep_rows,
+            "compile_vs_steps": compile_t,
+            "compile_vs_layers": compile_l,
+            "memory": memory,
+            "notes": notes,
+            "seconds": elapsed,
+        },
+    )
+    return md
+
+
+def _report(p, info, rate, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
+            loads, elapsed, out) -> str:  # fmt: skip
+    lines = [
+        "# gru_jax benchmark",
+        "",
+        f"- machine: {info.get('cpu')}, {info.get('cores')} cores, "
+        f"{info.get('memory_gib', '?')} GiB; backend {info.get('backend')}",
+        f"- versions: python {info['python']}, jax {info['jax']}, flax {info.get('flax')}, "
+        f"torch {info.get('torch')}, keras {info.get('keras')}",
+        f"- command: `{command}`" if command else "- command: (library call)",
+        f"- load average (1/5/15 min) before: {loads[0]}; after: {loads[1]}",
+        f"- float32 matmul rate (jnp.dot {p.matmul_n}x{p.matmul_n}): {rate / 1e9:.1f} GFLOP/s",
+        f"- timing: warm-up 2 calls, then the median of {p.reps} interleaved repetitions "
+        "(every implementation once per round, order rotated); fwd+bwd = gradient of "
+        "mean(output**2) w.r.t. all parameters; wall time of the whole run "
+        f"{elapsed:.0f} s",
+        "",
+        "## Peers",
+        "",
+        "Ratios are peer time / gru_jax time: above 1.00x gru_jax is faster. The FLOP floor is "
+        "the forward matmul FLOPs `sum over layers, directions of 2*B*T*3H*(D_l+H)` at the "
+        "measured matmul rate.",
+        "",
+        h.peer_table(rows, rate),
+        "",
+        "### FLOP floor",
+        "",
+        h.floor_table(p.configs, rate),
+    ]
+    if sweep_rows:
+        cfg = sweep_rows[0].config
+        lines += [
+            "",
+            f"## Time vs T (B={cfg.batch}, D={cfg.features}, H={cfg.hidden}, 1 layer)",
+            "",
+        ]
+        if h.plot_vs_steps(sweep_rows, out / "time_vs_T.png"):
+            lines += ["![time vs T](time_vs_T.png)", ""]
+        lines.append(h.peer_table(sweep_rows, rate))
+    if compile_t:
+        lines += [
+            "",
+            "## Compile time of gru_jax vs T (trace + lower + compile, seconds)",
+            "",
+            "B=16, D=128, H=256, 1 layer.",
+            "",
+            "| T | forward s | fwd+bwd s |",
+            "|---:|---:|---:|",
+            *(f"| {t} | {f:.2f} | {g:.2f} |" for t, f, g in compile_t),
+        ]
+    if compile_l:
+        lines += [
+            "",
+            "## Compile time of gru_jax vs num_layers (seconds)",
+            "",
+            "B=16, T=128, D=128, H=256.",
+            "",
+            "| layers | forward s | fwd+bwd s |",
+            "|---:|---:|---:|",
+            *(f"| {n} | {f:.2f} | {g:.2f} |" for n, f, g in compile_l),
+        ]
+    if memory:
+        lines += [
+            "",
+            "## Backward memory of gru_jax (XLA `compiled.memory_analysis()`, MiB)",
+            "",
+            "temp = XLA's temporary buffers of the compiled gradient. Saved states = "
+            "T*B*H*L*K*4 bytes; the remat target is temp <= 1.5 x saved states + weights.",
+            "",
+            "| config | remat | temp MiB | saved states MiB | weights MiB "
+            "| temp / (states + weights) |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for cfg, remat, mem in memory:
+            temp = mem["temp_size_in_bytes"]
+            states, weights = cfg.state_bytes(), h.weight_bytes(cfg)
+            lines.append(
+                f"| {cfg.name}: {cfg.describe()} | {remat} | {temp / 2**20:.1f} "
+                f"| {states / 2**20:.1f} | {weights / 2**20:.1f} "
+                f"| {temp / (states + weights):.2f} |"
+            )
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gru_jax.bench",
+        description="Times gru_jax against flax, Keras 3 (JAX) and torch GRUs in one process.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sweeps and the long config at T=512"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (>= 7)")
+    parser.add_argument(
+        "--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}"
+    )
+    parser.add_argument(
+        "--configs", default=None, help="comma-separated config names (default: all)"
+    )
+    parser.add_argument(
+        "--no-extras", action="store_true", help="skip the T sweep, compile time and memory"
+    )
+    args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 7:
+        parser.error("--reps must be >= 7 (the report is a median of at least 7)")
+    peers = [s for s in args.peers.split(",") if s]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
+    p = plan(args.quick, args.reps, peers)
+    if args.configs:
+        wanted = args.configs.split(",")
+        p.configs = [c for c in p.configs if c.name in wanted]
+        if not p.configs:
+            parser.error(f"no config named {wanted}")
+    if args.no_extras:
+        p.sweep_steps, p.compile_steps, p.compile_layers, p.memory_configs = (), (), (), ()
+    command = "python -m gru_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = run(p, args.out, command.strip())
+    print()
+    print(md)

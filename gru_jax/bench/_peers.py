@@ -1,0 +1,395 @@
+"""The implementations the harness times: gru_jax and its peers, all on the same weights.
+
+Every builder takes a :class:`Case` (a config and its data: our params tree, ``x``, lengths)
+and returns an :class:`Impl` whose ``forward()`` and ``train_step()`` run once, block until
+the result is ready and return it. ``forward()`` returns the output sequence
+``(B, T, K*H)`` so that tests can check that every peer computes the same function as ours
+(compare at valid steps only: peers differ in what they write at padded steps).
+
+``train_step()`` is the gradient of the loss ``mean(output ** 2)`` with respect to every
+parameter (not the input), as a training step would compute it.
+
+A builder raises :class:`Unavailable` when its library is missing or cannot run the case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gru_jax
+
+
+class Unavailable(RuntimeError):
+    """A peer cannot run here (library missing, wrong backend); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmark shape: ``B, T, D, H``, layers, directions, variable lengths."""
+
+    name: str
+    batch: int
+    steps: int
+    features: int
+    hidden: int
+    layers: int = 1
+    bidirectional: bool = False
+    variable_lengths: bool = False
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def layer_inputs(self) -> list[int]:
+        """``D_l`` of every layer: ``D``, then ``K*H``."""
+        return [self.features] + [self.directions * self.hidden] * (self.layers - 1)
+
+    def forward_flops(self) -> float:
+        """Matmul FLOPs of the forward pass: ``sum_l K * 2*B*T*3H*(D_l + H)``."""
+        g = 3 * self.hidden
+        return float(
+            sum(
+                self.directions * 2 * self.batch * self.steps * g * (d + self.hidden)
+                for d in self.layer_inputs()
+            )
+        )
+
+    def state_bytes(self) -> int:
+        """Bytes of every hidden state of every step (float32): ``T*B*H*L*K*4``."""
+        return self.steps * self.batch * self.hidden * self.layers * self.directions * 4
+
+    def describe(self) -> str:
+        s = f"B={self.batch} T={self.steps} D={self.features} H={self.hidden} L={self.layers}"
+        if self.bidirectional:
+            s += " bidir"
+        if self.variable_lengths:
+            s += " varlen"
+        return s
+
+
+@dataclasses.dataclass
+class Case:
+    """A config with its data: our params tree and NumPy inputs shared by every peer."""
+
+    config: Config
+    params: dict
+    x: np.ndarray
+    lengths: np.ndarray | None
+
+
+def make_case(config: Config, seed: int = 0) -> Case:
+    """Draws params (torch's default init) and inputs; lengths in ``[T/4, T]``, max ``T``."""
+    key = jax.random.key(seed)
+    params = gru_jax.init_gru(
+        key,
+        config.features,
+        config.hidden,
+        num_layers=config.layers,
+        bidirectional=config.bidirectional,
+    )
+    params = jax.tree.map(np.asarray, params)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((config.batch, config.steps, config.features), dtype=np.float32)
+    lengths = None
+    if config.variable_lengths:
+        lengths = rng.integers(max(1, config.steps // 4), config.steps + 1, config.batch)
+        lengths[0] = config.steps
+        lengths = lengths.astype(np.int32)
+    return Case(config, params, x, lengths)
+
+
+@dataclasses.dataclass
+class Impl:
+    """A runnable implementation: ``forward()`` and ``train_step()`` each run once and block."""
+
+    name: str
+    forward: Callable[[], Any]
+    train_step: Callable[[], Any]
+    note: str = ""
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def _loss(out):
+    return jnp.mean(jnp.square(out))
+
+
+# --------------------------------------------------------------------------------------------
+# gru_jax
+# --------------------------------------------------------------------------------------------
+
+
+def build_ours(case: Case, **options) -> Impl:
+    """gru_jax's linen ``GRU`` under ``jax.jit``; ``options`` go to the module (``remat`` ...)."""
+    cfg = case.config
+    model = gru_jax.GRU(
+        hidden_size=cfg.hidden,
+        num_layers=cfg.layers,
+        bidirectional=cfg.bidirectional,
+        **options,
+    )
+    variables = {"params": jax.tree.map(jnp.asarray, case.params)}
+    x = jnp.asarray(case.x)
+    lengths = None if case.lengths is None else jnp.asarray(case.lengths)
+
+    def apply(v, x, lengths):
+        return model.apply(v, x, lengths=lengths)[0]
+
+    fwd = jax.jit(apply)
+    grad = jax.jit(jax.grad(lambda v, x, lengths: _loss(apply(v, x, lengths))))
+    return Impl(
+        "gru_jax",
+        lambda: _block(fwd(variables, x, lengths)),
+        lambda: _block(grad(variables, x, lengths)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# flax.linen.RNN(GRUCell), stacked and made bidirectional by hand
+# --------------------------------------------------------------------------------------------
+
+
+def _flax_cell_params(cell: dict) -> dict:
+    """Our cell ``(w_ih (D, 3H), w_hh (H, 3H), b_ih, b_hh)`` as flax ``GRUCell`` params.
+
+    flax has one bias per input gate and ``b_hn``; ``b_hr``/``b_hz`` fold into ``b_ir``/``b_iz``.
+    """
+    hidden = cell["w_hh"].shape[0]
+    w_ih, w_hh, b_ih, b_hh = (np.asarray(cell[k]) for k in ("w_ih", "w_hh", "b_ih", "b_hh"))
+    g = [slice(i * hidden, (i + 1) * hidden) for i in range(3)]
+    return {
+        "ir": {"kernel": w_ih[:, g[0]], "bias": b_ih[g[0]] + b_hh[g[0]]},
+        "iz": {"kernel": w_ih[:, g[1]], "bias": b_ih[g[1]] + b_hh[g[1]]},
+        "in": {"kernel": w_ih[:, g[2]], "bias": b_ih[g[2]]},
+        "hr": {"kernel": w_hh[:, g[0]]},
+        "hz": {"kernel": w_hh[:, g[1]]},
+        "hn": {"kernel": w_hh[:, g[2]], "bias": b_hh[g[2]]},
+    }
+
+
+def build_flax(case: Case) -> Impl:
+    """``flax.linen.RNN(GRUCell)`` per layer, ``nn.Bidirectional`` for two directions."""
+    try:
+        import flax.linen as nn
+    except ImportError as e:  # pragma: no cover - flax is a dependency
+        raise Unavailable(f"flax not importable: {e}") from e
+    cfg = case.config
+
+    class FlaxStack(nn.Module):
+        @nn.compact
+        def __call__(self, x, seq_lengths=None):
+            for i in range(cfg.layers):
+                # Cells named explicitly: their params sit at the top level, "l{i}_d{k}".
+                fwd = nn.RNN(nn.GRUCell(cfg.hidden, name=f"l{i}_d0"))
+                if cfg.bidirectional:
+                    cell = nn.GRUCell(cfg.hidden, name=f"l{i}_d1")
+                    bwd = nn.RNN(cell, reverse=True, keep_order=True)
+                    x = nn.Bidirectional(fwd, bwd)(x, seq_lengths=seq_lengths)
+                else:
+                    x = fwd(x, seq_lengths=seq_lengths)
+            return x
+
+    model = FlaxStack()
+    params = {}
+    for i in range(cfg.layers):
+        layer = case.params[f"layer_{i}"]
+        for k in range(cfg.directions):
+            cell = {n: v[k] for n, v in layer.items()}
+            params[f"l{i}_d{k}"] = _flax_cell_params(cell)
+    variables = {"params": jax.tree.map(jnp.asarray, params)}
+    x = jnp.asarray(case.x)
+    lengths = None if case.lengths is None else jnp.asarray(case.lengths)
+
+    def apply(v, x, lengths):
+        return model.apply(v, x, seq_lengths=lengths)
+
+    fwd = jax.jit(apply)
+    grad = jax.jit(jax.grad(lambda v, x, lengths: _loss(apply(v, x, lengths))))
+    return Impl(
+        "flax.linen.RNN(GRUCell)",
+        lambda: _block(fwd(variables, x, lengths)),
+        lambda: _block(grad(variables, x, lengths)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Keras 3 layers.GRU on the JAX backend
+# --------------------------------------------------------------------------------------------
+
+
+def _keras_gate_order(a: np.ndarray, hidden: int) -> np.ndarray:
+    """Our gates ``r, z, n`` on the last axis -> Keras's ``z, r, h``."""
+    r, z, n = (a[..., i * hidden : (i + 1) * hidden] for i in range(3))
+    return np.concatenate([z, r, n], axis=-1)
+
+
+def build_keras(case: Case) -> Impl:
+    """Keras 3 ``layers.GRU`` (``Bidirectional`` for two directions), jitted stateless call.
+
+    Lengths become a ``(B, T)`` boolean mask: Keras then freezes the state at masked steps,
+    and ``go_backwards`` with right padding runs the valid prefix in reverse, as torch does.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:
+        import keras
+    except Exception as e:  # ImportError, or a backend that fails to load
+        raise Unavailable(f"keras not importable: {e}") from e
+    if keras.backend.backend() != "jax":
+        raise Unavailable(f"keras backend is {keras.backend.backend()!r}, not 'jax'")
+    cfg = case.config
+    hidden = cfg.hidden
+    layers, variables, frozen = [], [], []
+    for i, d_in in enumerate(cfg.layer_inputs()):
+        base = keras.layers.GRU(hidden, return_sequences=True, reset_after=True)
+        layer = keras.layers.Bidirectional(base) if cfg.bidirectional else base
+        layer.build((cfg.batch, cfg.steps, d_in))
+        lp = case.params[f"layer_{i}"]
+        values = []
+        for k in range(cfg.directions):
+            bias = np.stack(
+                [_keras_gate_order(lp["b_ih"][k], hidden), _keras_gate_order(lp["b_hh"][k], hidden)]
+            )
+            values += [
+                _keras_gate_order(lp["w_ih"][k], hidden),
+                _keras_gate_order(lp["w_hh"][k], hidden),
+                bias,
+            ]
+        if len(values) != len(layer.trainable_variables):
+            raise Unavailable("unexpected Keras GRU variable layout")
+        for var, value in zip(layer.trainable_variables, values, strict=True):
+            if tuple(var.shape) != value.shape:
+                raise Unavailable(f"Keras variable {var.path} has shape {var.shape}")
+            var.assign(value)
+        layers.append(layer)
+        variables.append([jnp.asarray(v.value) for v in layer.trainable_variables])
+        # Not trained (e.g. the dropout seed state), but stateless_call wants them.
+        frozen.append([jnp.asarray(v.value) for v in layer.non_trainable_variables])
+
+    x = jnp.asarray(case.x)
+    mask = None
+    if case.lengths is not None:
+        mask = jnp.asarray(np.arange(cfg.steps)[None, :] < case.lengths[:, None])
+
+    def apply(tv, x, mask):
+        for layer, layer_vars, layer_frozen in zip(layers, tv, frozen, strict=True):
+            x, _ = layer.stateless_call(layer_vars, layer_frozen, x, mask=mask)
+        return x
+
+    fwd = jax.jit(apply)
+    grad = jax.jit(jax.grad(lambda tv, x, mask: _loss(apply(tv, x, mask))))
+    return Impl(
+        f"keras {keras.__version__} GRU (jax)",
+        lambda: _block(fwd(variables, x, mask)),
+        lambda: _block(grad(variables, x, mask)),
+        note="lengths as a (B, T) mask" if mask is not None else "",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torch.nn.GRU
+# --------------------------------------------------------------------------------------------
+
+
+def torch_threads() -> int:
+    """The thread count XLA's CPU client uses: every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def build_torch(case: Case) -> Impl:
+    """``torch.nn.GRU`` (packed sequences when lengths are given).
+
+    On CPU it runs with as many threads as XLA; when JAX runs on a GPU and torch has CUDA,
+    on that GPU (cuDNN).
+    """
+    try:
+        import torch
+    except ImportError as e:
+        raise Unavailable(f"torch not importable: {e}") from e
+    cfg = case.config
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if not on_gpu:
+        torch.set_num_threads(torch_threads())
+    model = torch.nn.GRU(
+        cfg.features,
+        cfg.hidden,
+        cfg.layers,
+        batch_first=True,
+        bidirectional=cfg.bidirectional,
+    )
+    with torch.no_grad():
+        for i in range(cfg.layers):
+            lp = case.params[f"layer_{i}"]
+            for k in range(cfg.directions):
+                sfx = f"_l{i}" + ("_reverse" if k else "")
+                for ours, theirs, transpose in (
+                    ("w_ih", "weight_ih", True),
+                    ("w_hh", "weight_hh", True),
+                    ("b_ih", "bias_ih", False),
+                    ("b_hh", "bias_hh", False),
+                ):
+                    value = np.asarray(lp[ours][k])
+                    getattr(model, theirs + sfx).copy_(
+                        torch.from_numpy(value.T.copy())
+                        if transpose
+                        else torch.from_numpy(value.copy())
+                    )
+    model = model.to(device)
+    x = torch.from_numpy(case.x).to(device)
+    lengths = None if case.lengths is None else torch.from_numpy(case.lengths.astype(np.int64))
+    params = list(model.parameters())
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def run():
+        if lengths is None:
+            return model(x)[0]
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = model(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(
+            out, batch_first=True, total_length=cfg.steps
+        )
+        return out
+
+    def forward():
+        with torch.inference_mode():
+            out = run()
+        sync()
+        return out.cpu().numpy() if on_gpu else out.numpy()
+
+    def train_step():
+        loss = run().square().mean()
+        grads = torch.autograd.grad(loss, params)
+        sync()
+        return grads
+
+    threads = "cuDNN" if on_gpu else f"{torch.get_num_threads()} threads"
+    return Impl(
+        f"torch {torch.__version__.split('+')[0]} nn.GRU",
+        forward,
+        train_step,
+        note=threads + (", packed sequences" if lengths is not None else ""),
+    )
+
+
+PEERS: dict[str, Callable[[Case], Impl]] = {
+    "flax": build_flax,
+    "keras": build_keras,
+    "torch": build_torch,
+}
