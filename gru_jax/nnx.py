@@ -9,8 +9,8 @@
 * any such tree loads into a module with one line, checked (keys, shapes) so that a wrong
   tree never loads partially::
 
-      model = gru_jax.nnx.GRU.from_params(tree, rngs=nnx.Rngs(0))  # a new module
-      model.load_params(tree)                                       # an existing one
+      model = gru_jax.nnx.GRU.from_params(tree)  # a new module (rngs=... to train with dropout)
+      model.load_params(tree)                    # an existing one
 
   (``nnx.update(model, tree)`` also works, unchecked.)
 
@@ -156,17 +156,21 @@ class GRU(nnx.Module, _ParamsTree):
         )
         for name, layer in tree.items():
             setattr(self, name, nnx.Dict({k: nnx.Param(v) for k, v in layer.items()}))
-        # Only a module that can drop needs a stream (a params-only Rngs is then enough).
         self.rngs = nnx.data(None)
-        if dropout > 0.0 and num_layers > 1:
-            try:
-                self.rngs = rngs["dropout"].fork()
-            except KeyError:
-                pass  # No stream: pass `rngs` to __call__ when training.
+        self._attach_rngs(rngs)
+
+    def _attach_rngs(self, rngs: nnx.Rngs | None) -> None:
+        # Only a module that can drop needs a stream (a params-only Rngs is then enough).
+        if rngs is None or not (self.dropout > 0.0 and self.num_layers > 1):
+            return
+        try:
+            self.rngs = rngs["dropout"].fork()
+        except KeyError:
+            pass  # No stream: pass `rngs` to __call__ when training.
 
     @classmethod
-    def from_params(cls, params, *, rngs: nnx.Rngs, **options) -> GRU:
-        """Builds a module around an existing stack params tree.
+    def from_params(cls, params, *, rngs: nnx.Rngs | None = None, **options) -> GRU:
+        """Builds a module around an existing stack params tree (no random initialization).
 
         ``in_features``, ``hidden_size``, ``num_layers``, ``bidirectional``, ``bias`` and
         ``param_dtype`` are read from the tree; other options (``reset_after``,
@@ -175,7 +179,8 @@ class GRU(nnx.Module, _ParamsTree):
         Args:
           params: ``{"layer_l": {"w_ih": (K, D_l, 3H), ...}}`` (or ``{"params": tree}``), e.g.
             from :func:`gru_jax.interop.from_torch` or a linen module's variables.
-          rngs: ``nnx.Rngs`` (dropout stream; the initial weights are replaced).
+          rngs: ``nnx.Rngs`` whose ``dropout`` (or ``default``) stream feeds dropout; only
+            needed to train with ``dropout > 0``.
           **options: the remaining constructor arguments.
 
         Returns:
@@ -186,17 +191,21 @@ class GRU(nnx.Module, _ParamsTree):
         """
         params = interop._unwrap(params)
         num_layers, num_dirs, in_features, hidden = _core.stack_dims(params)
-        model = cls(
-            in_features,
-            hidden,
-            num_layers=num_layers,
-            bidirectional=num_dirs == 2,
-            bias="b_ih" in params["layer_0"],
-            param_dtype=params["layer_0"]["w_ih"].dtype,
-            rngs=rngs,
-            **options,
+        # Built abstractly (shapes only, nothing drawn or compiled), then filled with params.
+        model = nnx.eval_shape(
+            lambda: cls(
+                in_features,
+                hidden,
+                num_layers=num_layers,
+                bidirectional=num_dirs == 2,
+                bias="b_ih" in params["layer_0"],
+                param_dtype=params["layer_0"]["w_ih"].dtype,
+                rngs=nnx.Rngs(params=0),
+                **options,
+            )
         )
         model.load_params(params)
+        model._attach_rngs(rngs)
         return model
 
     def __call__(self, x, h0=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
@@ -319,8 +328,8 @@ class GRUCell(nnx.Module, _ParamsTree):
             setattr(self, name, nnx.Param(value))
 
     @classmethod
-    def from_params(cls, params, *, rngs: nnx.Rngs, **options) -> GRUCell:
-        """Builds a cell around an existing cell params tree.
+    def from_params(cls, params, **options) -> GRUCell:
+        """Builds a cell around an existing cell params tree (no random initialization).
 
         ``in_features``, ``hidden_size``, ``bias`` and ``param_dtype`` are read from
         ``params`` (``{"w_ih": (D, 3H), "w_hh": (H, 3H), ...}``, e.g. from
@@ -332,13 +341,15 @@ class GRUCell(nnx.Module, _ParamsTree):
         """
         params = interop._unwrap(params)
         in_features, hidden = _core._cell_dims(params, "params")
-        cell = cls(
-            in_features,
-            hidden,
-            bias="b_ih" in params,
-            param_dtype=params["w_ih"].dtype,
-            rngs=rngs,
-            **options,
+        cell = nnx.eval_shape(
+            lambda: cls(
+                in_features,
+                hidden,
+                bias="b_ih" in params,
+                param_dtype=params["w_ih"].dtype,
+                rngs=nnx.Rngs(params=0),
+                **options,
+            )
         )
         cell.load_params(params)
         return cell
