@@ -91,7 +91,8 @@ class GRU(nnx.Module, _ParamsTree):
       unroll: scan unroll factor.
       remat: recompute steps in the backward pass to save memory.
       deterministic: initial mode; ``False`` (training, as ``nnx.Dropout``) applies dropout.
-        Set by ``model.train()`` / ``model.eval()``, overridden per call.
+        Set by ``model.train()`` / ``model.eval()`` or ``nnx.view(model, deterministic=...)``,
+        overridden per call.
       rngs: ``nnx.Rngs``; the ``params`` stream initializes the weights and the ``dropout``
         stream (falling back to ``default``) is forked for dropout.
 
@@ -158,6 +159,11 @@ class GRU(nnx.Module, _ParamsTree):
             setattr(self, name, nnx.Dict({k: nnx.Param(v) for k, v in layer.items()}))
         self.rngs = nnx.data(None)
         self._attach_rngs(rngs)
+
+    def set_view(self, deterministic: bool | None = None):
+        """Hook of ``nnx.view(model, deterministic=...)``, as ``nnx.Dropout``'s."""
+        if deterministic is not None:
+            self.deterministic = deterministic
 
     def _attach_rngs(self, rngs: nnx.Rngs | None) -> None:
         # Only a module that can drop needs a stream (a params-only Rngs is then enough).

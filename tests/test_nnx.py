@@ -187,6 +187,9 @@ def test_dropout_follows_train_eval_and_deterministic():
     clean = run(model, x)
     assert min(float(jnp.abs(v - clean).max()) for v in (a, b, want)) > 1e-3
     model.train()  # back to training; the call argument overrides the mode
+    view = nnx.view(model, deterministic=True)  # a view in eval mode; the model stays as is
+    assert view.deterministic is True and model.deterministic is False
+    np.testing.assert_array_equal(run(view, x), clean)
     np.testing.assert_array_equal(run(model, x, deterministic=True), clean)
     # Evaluation mode is the plain core, no dropout.
     np.testing.assert_allclose(clean, jax.jit(lambda t, x: gru_jax.gru(t, x)[0])(tree, x), **TOL)
