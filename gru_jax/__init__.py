@@ -4,7 +4,7 @@ A pure core (:func:`gru_step`, :func:`gru`) scanned with ``jax.lax.scan``, wrapp
 Flax linen modules (:class:`GRU`, :class:`GRUCell`) and Flax NNX modules (``gru_jax.nnx``).
 """
 
-from gru_jax import initializers, interop
+from gru_jax import checkpoint, initializers, interop, nnx
 from gru_jax._core import cell_of, gru, gru_step
 from gru_jax.initializers import init_cell, init_gru
 from gru_jax.linen import GRU, GRUCell
@@ -15,10 +15,12 @@ __all__ = [
     "GRU",
     "GRUCell",
     "cell_of",
+    "checkpoint",
     "gru",
     "gru_step",
     "init_cell",
     "init_gru",
     "initializers",
     "interop",
+    "nnx",
 ]

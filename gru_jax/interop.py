@@ -133,7 +133,8 @@ def to_torch(tree) -> dict[str, np.ndarray]:
 
     Returns:
       ``{torch_name: np.ndarray}`` with torch's names and shapes (``weight_ih_l0`` is
-      ``(3H, D)``, ...), ready for ``torch.nn.GRU(...).load_state_dict`` after
+      ``(3H, D)``, ...) as fresh writable C-contiguous copies, ready for
+      ``torch.nn.GRU(...).load_state_dict`` after
       ``torch.from_numpy``, or to compare gradients with ``param.grad``.
 
     Raises:
@@ -145,7 +146,7 @@ def to_torch(tree) -> dict[str, np.ndarray]:
     inverse = {v: k for k, v in _CELL_NAMES.items()}
     if "w_ih" in tree:
         _core._cell_dims(tree, "tree")
-        return {inverse[k]: np.ascontiguousarray(np.asarray(v).T) for k, v in tree.items()}
+        return {inverse[k]: np.array(np.asarray(v).T, order="C") for k, v in tree.items()}
     _, num_dirs, _, _ = _core.stack_dims(tree)
     out = {}
     for layer in range(len(tree)):
@@ -153,7 +154,7 @@ def to_torch(tree) -> dict[str, np.ndarray]:
             value = np.asarray(value)
             for d in range(num_dirs):
                 sfx = "_reverse" if d == 1 else ""
-                out[f"{inverse[name]}_l{layer}{sfx}"] = np.ascontiguousarray(value[d].T)
+                out[f"{inverse[name]}_l{layer}{sfx}"] = np.array(value[d].T, order="C")
     return out
 
 
