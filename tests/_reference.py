@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["reference_cell", "reference_gru", "to_numpy_tree"]
+__all__ = ["random_params", "reference_cell", "reference_gru", "to_numpy_tree"]
 
 
 def _sigmoid(a):
@@ -37,6 +37,40 @@ def to_numpy_tree(params) -> dict:
         layer: {name: np.asarray(value, dtype=np.float64) for name, value in cell.items()}
         for layer, cell in params.items()
     }
+
+
+def random_params(
+    rng,
+    in_features: int,
+    hidden: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    bias: bool = True,
+    scale: float = 1.0,
+    dtype=np.float32,
+) -> dict:
+    """A params tree of NumPy arrays drawn from ``scale * U(-1/sqrt(H), 1/sqrt(H))`` (torch).
+
+    NumPy rather than ``jax.random``: tests build many trees of many shapes, and every new
+    shape of an eager ``jax.random`` call costs a compilation.
+
+    Args:
+      rng: a ``np.random.Generator`` or an integer seed.
+    """
+    rng = np.random.default_rng(rng)
+    num_dirs = 2 if bidirectional else 1
+    bound = scale / np.sqrt(hidden)
+    params = {}
+    for layer in range(num_layers):
+        d_in = in_features if layer == 0 else num_dirs * hidden
+        shapes = {"w_ih": (num_dirs, d_in, 3 * hidden), "w_hh": (num_dirs, hidden, 3 * hidden)}
+        if bias:
+            shapes |= {"b_ih": (num_dirs, 3 * hidden), "b_hh": (num_dirs, 3 * hidden)}
+        params[f"layer_{layer}"] = {
+            k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()
+        }
+    return params
 
 
 def reference_cell(cell, h, x, *, reset_after: bool = True):

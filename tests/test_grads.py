@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import random_params
 from jax.test_util import check_grads
 
 import gru_jax
@@ -36,20 +37,20 @@ def float64():
 
 
 def make(seed, *, batch, steps, in_features, hidden, num_layers, bidirectional, bias, dtype):
-    key = jax.random.key(seed)
-    k_p, k_x, k_h = jax.random.split(key, 3)
-    params = gru_jax.init_gru(
-        k_p,
+    """NumPy params tree, ``x`` ``(B, T, D)`` and ``h0`` ``(L*K, B, H)`` of ``dtype``."""
+    rng = np.random.default_rng(seed)
+    params = random_params(
+        rng,
         in_features,
         hidden,
         num_layers=num_layers,
         bidirectional=bidirectional,
         bias=bias,
-        param_dtype=dtype,
+        dtype=dtype,
     )
-    x = jax.random.normal(k_x, (batch, steps, in_features), dtype)
+    x = rng.standard_normal((batch, steps, in_features)).astype(dtype)
     states = num_layers * (2 if bidirectional else 1)
-    h0 = 0.5 * jax.random.normal(k_h, (states, batch, hidden), dtype)
+    h0 = (0.5 * rng.standard_normal((states, batch, hidden))).astype(dtype)
     return params, x, h0
 
 
@@ -90,13 +91,13 @@ def test_check_grads_float64(config, lengths, kwargs, order):
     """
     with float64():
         params, x, h0 = make(
-            0, batch=2, steps=3, in_features=2, hidden=3, dtype=jnp.float64, **config
+            0, batch=2, steps=3, in_features=2, hidden=3, dtype=np.float64, **config
         )
         if not kwargs.get("batch_first", True):
-            x = jnp.swapaxes(x, 0, 1)
+            x = np.ascontiguousarray(np.swapaxes(x, 0, 1))
         if "key" in kwargs:
             kwargs = kwargs | {"key": jax.random.key(5)}
-        lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+        lens = None if lengths is None else np.asarray(lengths, np.int32)
 
         @jax.jit
         def f(params, x, h0):
@@ -109,8 +110,12 @@ def test_check_grads_float64(config, lengths, kwargs, order):
         )
 
 
-def test_check_grads_gru_step_order2():
-    """The single cell, both variants, up to second order."""
+@pytest.mark.parametrize(
+    "reset_after", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["after", "before"]
+)
+def test_check_grads_gru_step_order2(reset_after):
+    """The single cell up to second order (the reset-before cell: order 1 in the stack test,
+    order 2 with --runslow)."""
     with float64():
         params, x, h0 = make(
             1,
@@ -121,52 +126,49 @@ def test_check_grads_gru_step_order2():
             num_layers=1,
             bidirectional=False,
             bias=True,
-            dtype=jnp.float64,
+            dtype=np.float64,
         )
         cell = gru_jax.cell_of(params)
-        for reset_after in (True, False):
-            f = jax.jit(functools.partial(gru_jax.gru_step, reset_after=reset_after))
-            check_grads(
-                f,
-                (cell, h0[0], x[:, 0]),
-                order=2,
-                modes=("fwd", "rev"),
-                atol=TOL,
-                rtol=TOL,
-                eps=EPS,
-            )
+        f = jax.jit(functools.partial(gru_jax.gru_step, reset_after=reset_after))
+        check_grads(
+            f, (cell, h0[0], x[:, 0]), order=2, modes=("fwd", "rev"), atol=TOL, rtol=TOL, eps=EPS
+        )
 
 
 def test_check_grads_detects_a_wrong_gradient():
-    """Sanity check of the tolerance: a gradient off by 1% is caught."""
+    """Sanity check of the tolerance: a cell gradient off by 1% is caught."""
     with float64():
         params, x, h0 = make(
             2,
             batch=2,
-            steps=3,
+            steps=1,
             in_features=2,
             hidden=3,
             num_layers=1,
             bidirectional=False,
             bias=True,
-            dtype=jnp.float64,
+            dtype=np.float64,
         )
+        cell, h = gru_jax.cell_of(params), h0[0]
+
+        def step(x):
+            return gru_jax.gru_step(cell, h, x)
 
         @jax.custom_vjp
         def f(x):
-            return gru_jax.gru(params, x, h0)[0]
+            return step(x)
 
         def fwd(x):
-            out, vjp = jax.vjp(lambda x: gru_jax.gru(params, x, h0)[0], x)
-            return out, vjp
+            return jax.vjp(step, x)
 
         def bwd(vjp, g):
             (gx,) = vjp(g)
             return (1.01 * gx,)
 
         f.defvjp(fwd, bwd)
+        check_grads(step, (x[:, 0],), order=1, modes=("rev",), atol=TOL, rtol=TOL, eps=EPS)
         with pytest.raises(AssertionError):
-            check_grads(f, (x,), order=1, modes=("rev",), atol=TOL, rtol=TOL, eps=EPS)
+            check_grads(f, (x[:, 0],), order=1, modes=("rev",), atol=TOL, rtol=TOL, eps=EPS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_check_grads_detects_a_wrong_gradient():
 # --------------------------------------------------------------------------------------------
 
 
-def test_remat_gradients_equal(bidirectional=True, reset_after=True):
+def test_remat_gradients_equal(bidirectional=True, reset_after=True, num_layers=1):
     """``remat=True`` recomputes the forward in the backward pass: same gradients.
 
     float32; the recomputation runs the same operations on the same values, so equality is
@@ -187,13 +189,14 @@ def test_remat_gradients_equal(bidirectional=True, reset_after=True):
         steps=7,
         in_features=4,
         hidden=5,
-        num_layers=2,
+        num_layers=num_layers,
         bidirectional=bidirectional,
         bias=True,
-        dtype=jnp.float32,
+        dtype=np.float32,
     )
-    lengths = jnp.array([7, 4, 0], jnp.int32)
-    w = jax.random.normal(jax.random.key(9), (3, 7, (2 if bidirectional else 1) * 5))
+    lengths = np.array([7, 4, 0], np.int32)
+    w = np.random.default_rng(9).standard_normal((3, 7, (2 if bidirectional else 1) * 5))
+    w = w.astype(np.float32)
 
     def loss(params, x, h0, remat):
         out, h_n = gru_jax.gru(params, x, h0, lengths=lengths, remat=remat, reset_after=reset_after)
@@ -204,7 +207,7 @@ def test_remat_gradients_equal(bidirectional=True, reset_after=True):
     v1, g1 = grad(params, x, h0, True)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
-    assert len(flat0) == len(flat1) == 2 * 4 + 2
+    assert len(flat0) == len(flat1) == num_layers * 4 + 2
     for a, b in zip(flat1, flat0, strict=True):
         assert np.all(np.isfinite(a)) and np.any(a != 0)
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -216,12 +219,22 @@ def test_linen_remat_gradients_equal():
     (The core's ``remat`` on the other variants is checked against finite differences in
     ``test_check_grads_float64``.)
     """
-    x = jax.random.normal(jax.random.key(0), (2, 6, 3))
-    lengths = jnp.array([6, 3], jnp.int32)
+    params, x, _ = make(
+        4,
+        batch=2,
+        steps=6,
+        in_features=3,
+        hidden=4,
+        num_layers=1,
+        bidirectional=False,
+        bias=True,
+        dtype=np.float32,
+    )
+    variables = {"params": params}  # the linen module's tree is the core's tree
+    lengths = np.array([6, 3], np.int32)
     grads = []
     for remat in (False, True):
         model = gru_jax.GRU(hidden_size=4, remat=remat)
-        variables = model.init(jax.random.key(1), x)
 
         def loss(variables, model=model):
             out, h_n = model.apply(variables, x, lengths=lengths)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import reference_gru
+from _reference import random_params, reference_gru
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,16 +90,16 @@ def make_inputs(cfg, dtype=np.float32):
     rng = np.random.default_rng(cfg["seed"])
     num_dirs = 2 if cfg["bidirectional"] else 1
     hidden, scale = cfg["hidden"], cfg["scale"]
-    bound = scale / np.sqrt(hidden)  # torch's U(-1/sqrt(H), 1/sqrt(H)), times scale
-    params = {}
-    for layer in range(cfg["num_layers"]):
-        d_in = cfg["in_features"] if layer == 0 else num_dirs * hidden
-        shapes = {"w_ih": (num_dirs, d_in, 3 * hidden), "w_hh": (num_dirs, hidden, 3 * hidden)}
-        if cfg["bias"]:
-            shapes |= {"b_ih": (num_dirs, 3 * hidden), "b_hh": (num_dirs, 3 * hidden)}
-        params[f"layer_{layer}"] = {
-            k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()
-        }
+    params = random_params(
+        rng,
+        cfg["in_features"],
+        hidden,
+        num_layers=cfg["num_layers"],
+        bidirectional=cfg["bidirectional"],
+        bias=cfg["bias"],
+        scale=scale,
+        dtype=dtype,
+    )
     b, t, d = cfg["batch"], cfg["steps"], cfg["in_features"]
     x = (scale * rng.standard_normal((b, t, d))).astype(dtype)
     if not cfg["batch_first"]:
