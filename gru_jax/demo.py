@@ -1,0 +1,421 @@
+"""``python -m gru_jax.demo``: a bidirectional 2-layer GRU speaker classifier on JapaneseVowels.
+
+JapaneseVowels (UCI; Kudo, Toyama & Shimbo 1999): 9 male speakers say the vowels "ae"; each
+utterance is 12 LPC cepstrum coefficients over 7 to 29 frames. 270 training and 370 test
+utterances; the task is to name the speaker. The ``.ts`` files ship inside the ``sktime``
+wheel, so the demo reads them from the installed package and needs no network.
+
+Sequences keep their own lengths: they are zero-padded to the longest one once, and the GRU is
+given ``lengths`` so that padding never reaches the hidden state (no truncation, no
+resampling). The classifier mean-pools the bidirectional outputs over each sequence's valid
+steps and applies a linear layer. Training is jitted per epoch (a ``lax.scan`` over shuffled
+minibatches); the run writes an orbax checkpoint and a PNG of the learning curves.
+
+The dataset reader :func:`load_japanese_vowels` is public so that notebooks can reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gru_jax.linen import GRU
+
+NUM_CHANNELS = 12
+NUM_CLASSES = 9
+_INSTALL_HINT = "pip install 'gru-jax[demo]'"
+
+
+class DemoError(Exception):
+    """A problem the user can fix (a missing package, a corrupt file); printed as one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_dir() -> Path:
+    """Returns the folder of the JapaneseVowels ``.ts`` files inside the installed sktime.
+
+    Raises:
+      DemoError: if sktime is not installed.
+    """
+    # find_spec locates the package without importing it (importing sktime takes seconds).
+    try:
+        spec = importlib.util.find_spec("sktime")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoError(
+            f"the JapaneseVowels data ships with the sktime package, which is not installed: "
+            f"run {_INSTALL_HINT}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets/data/JapaneseVowels"
+
+
+def _parse_ts(path: Path) -> tuple[list[np.ndarray], list[str]]:
+    """Parses a multivariate ``.ts`` file into per-case ``(T_i, C)`` arrays and labels.
+
+    The format: ``#`` comment lines, ``@key value`` header lines ending at ``@data``, then one
+    case per line: the channels separated by ``:``, each a comma-separated series, and the
+    class label last.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DemoError(f"dataset file {path} is missing; reinstall sktime") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DemoError(f"cannot read dataset file {path}: {err}") from None
+
+    def bad(lineno: int, problem: str) -> DemoError:
+        return DemoError(f"corrupt dataset file {path}, line {lineno}: {problem}")
+
+    header: dict[str, str] = {}
+    series: list[np.ndarray] = []
+    labels: list[str] = []
+    in_data = False
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not in_data:
+            if not line.startswith("@"):
+                raise bad(lineno, "expected a '@' header line before '@data'")
+            key, _, value = line[1:].partition(" ")
+            header[key.lower()] = value.strip()
+            in_data = key.lower() == "data"
+            if in_data:
+                # "@classLabel true 1 2 ... 9" declares the labels the cases may carry.
+                words = header.get("classlabel", "").split()
+                declared = words[1:] if words[:1] == ["true"] else []
+            continue
+        *channels, label = line.split(":")
+        if len(channels) != NUM_CHANNELS:
+            raise bad(lineno, f"expected {NUM_CHANNELS} channels, found {len(channels)}")
+        try:
+            values = [np.array(c.split(","), dtype=np.float32) for c in channels]
+        except ValueError as err:
+            raise bad(lineno, f"not a number: {err}") from None
+        steps = {len(v) for v in values}
+        if len(steps) != 1:
+            raise bad(lineno, f"channels have different lengths {sorted(steps)}")
+        case = np.stack(values, axis=1)
+        if not np.isfinite(case).all():
+            raise bad(lineno, "non-finite value")
+        label = label.strip()
+        if declared and label not in declared:
+            raise bad(lineno, f"class label {label!r} is not among the declared {declared}")
+        series.append(case)
+        labels.append(label)
+    if not in_data:
+        raise DemoError(f"corrupt dataset file {path}: no '@data' section")
+    if not series:
+        raise DemoError(f"corrupt dataset file {path}: no cases after '@data'")
+    return series, labels
+
+
+def load_japanese_vowels(split: str, data_dir: str | os.PathLike | None = None):
+    """Reads one split of JapaneseVowels, zero-padded to its longest sequence.
+
+    Args:
+      split: ``"train"`` (270 utterances) or ``"test"`` (370).
+      data_dir: folder holding ``JapaneseVowels_{TRAIN,TEST}.ts``; ``None``: the copy inside
+        the installed sktime package.
+
+    Returns:
+      ``(x, lengths, y)``: ``x`` float32 ``(N, T, 12)``, zero at steps ``t >= lengths[i]``
+      (``T`` is the split's longest utterance: 26 in train, 29 in test); ``lengths`` int32
+      ``(N,)`` in ``[7, 29]``;
+      ``y`` int32 ``(N,)``, the speaker in ``0..8`` (the file's labels ``1..9`` minus one).
+
+    Raises:
+      ValueError: for an unknown ``split``.
+      DemoError: if sktime is missing (and no ``data_dir`` is given) or a file is corrupt.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    folder = dataset_dir() if data_dir is None else Path(data_dir)
+    path = folder / f"JapaneseVowels_{split.upper()}.ts"
+    series, labels = _parse_ts(path)
+    try:
+        y = np.array([int(label) - 1 for label in labels], dtype=np.int32)
+    except ValueError as err:
+        raise DemoError(f"corrupt dataset file {path}: non-integer class label ({err})") from None
+    if y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise DemoError(f"corrupt dataset file {path}: class labels must be 1..{NUM_CLASSES}")
+    lengths = np.array([len(s) for s in series], dtype=np.int32)
+    x = np.zeros((len(series), int(lengths.max()), NUM_CHANNELS), dtype=np.float32)
+    for i, s in enumerate(series):
+        x[i, : len(s)] = s
+    return x, lengths, y
+
+
+def channel_stats(x: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over the valid (unpadded) steps only.
+
+    Returns:
+      ``(mean, std)``, each float32 ``(12,)``.
+    """
+    valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
+    frames = x[valid]
+    return frames.mean(0).astype(np.float32), (frames.std(0) + 1e-6).astype(np.float32)
+
+
+def normalize(x: np.ndarray, lengths: np.ndarray, mean: np.ndarray, std: np.ndarray):
+    """Standardizes channels, keeping padded steps at exactly zero."""
+    valid = np.arange(x.shape[1])[None, :, None] < lengths[:, None, None]
+    return np.where(valid, (x - mean) / std, 0.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The model and its training
+# --------------------------------------------------------------------------------------------
+
+
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DemoError(f"the demo needs {module.split('.')[0]}: run {_INSTALL_HINT}") from None
+
+
+class VowelClassifier(nn.Module):
+    """Bidirectional 2-layer GRU, mean over each sequence's valid steps, linear head.
+
+    Attributes:
+      hidden: GRU hidden size per direction.
+      dropout: drop probability between the GRU layers and before the head (training only).
+    """
+
+    hidden: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, lengths, *, deterministic: bool = True):
+        """Logits ``(B, 9)`` for inputs ``x (B, T, 12)`` with valid ``lengths (B,)``."""
+        out, _ = GRU(self.hidden, num_layers=2, bidirectional=True, dropout=self.dropout)(
+            x, lengths=lengths, deterministic=deterministic
+        )
+        # `out` is exactly zero at padded steps, so a plain sum is the sum over valid ones.
+        pooled = out.sum(axis=1) / lengths[:, None].astype(out.dtype)
+        pooled = nn.Dropout(self.dropout)(pooled, deterministic=deterministic)
+        return nn.Dense(NUM_CLASSES)(pooled)
+
+
+def make_model(hidden: int, dropout: float = 0.0) -> VowelClassifier:
+    """The demo's classifier (see :class:`VowelClassifier`)."""
+    return VowelClassifier(hidden, dropout)
+
+
+def train(
+    *,
+    epochs: int,
+    seed: int,
+    hidden: int,
+    lr: float = 1e-2,
+    batch_size: int = 30,
+    dropout: float = 0.3,
+    data_dir=None,
+    progress: bool = True,
+):
+    """Trains the classifier; returns ``(params, history, norm)``.
+
+    ``history`` maps ``"loss"``, ``"train_acc"``, ``"test_acc"`` to per-epoch lists (the test
+    accuracy is only recorded for the curves; nothing is selected by it). ``norm`` holds the
+    training-set channel ``mean`` and ``std`` the inputs were standardized with.
+    """
+    tqdm = _require("tqdm").tqdm
+    x_tr, len_tr, y_tr = load_japanese_vowels("train", data_dir)
+    x_te, len_te, y_te = load_japanese_vowels("test", data_dir)
+    mean, std = channel_stats(x_tr, len_tr)
+    x_tr, x_te = normalize(x_tr, len_tr, mean, std), normalize(x_te, len_te, mean, std)
+
+    model = make_model(hidden, dropout)
+    key = jax.random.key(seed)
+    key, init_key = jax.random.split(key)
+    # Jitted, init compiles once instead of op by op: about half the time on CPU.
+    params = jax.jit(model.init)(init_key, x_tr[:1], len_tr[:1])["params"]
+    steps_per_epoch = len(y_tr) // batch_size
+    schedule = optax.cosine_decay_schedule(lr, max(1, epochs * steps_per_epoch), alpha=0.05)
+    tx = optax.adamw(schedule, weight_decay=1e-4)
+    opt_state = tx.init(params)
+    data = tuple(jnp.asarray(a) for a in (x_tr, len_tr, y_tr))
+
+    def loss_fn(p, x, lengths, y, k):
+        logits = model.apply({"params": p}, x, lengths, deterministic=False, rngs={"dropout": k})
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits.argmax(-1) == y).mean()
+
+    @jax.jit
+    def train_epoch(p, s, k):
+        # One dispatch per epoch: the shuffled minibatches are scanned inside the jit.
+        perm_key, drop_key = jax.random.split(k)
+        idx = jax.random.permutation(perm_key, len(y_tr))[: steps_per_epoch * batch_size]
+        batches = tuple(a[idx].reshape(steps_per_epoch, batch_size, *a.shape[1:]) for a in data)
+        drop_keys = jax.random.split(drop_key, steps_per_epoch)
+
+        def step(carry, batch):
+            p, s = carry
+            *b, k = batch
+            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *b, k)
+            updates, s = tx.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), (loss, acc)
+
+        (p, s), (loss, acc) = jax.lax.scan(step, (p, s), (*batches, drop_keys))
+        return p, s, loss.mean(), acc.mean()
+
+    @jax.jit
+    def accuracy(p, x, lengths, y):
+        return (model.apply({"params": p}, x, lengths).argmax(-1) == y).mean()
+
+    history = {"loss": [], "train_acc": [], "test_acc": [], "num_test": len(y_te)}
+    bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
+    for _ in bar:
+        key, k = jax.random.split(key)
+        params, opt_state, loss, acc = train_epoch(params, opt_state, k)
+        test_acc = float(accuracy(params, x_te, len_te, y_te))
+        history["loss"].append(float(loss))
+        history["train_acc"].append(float(acc))
+        history["test_acc"].append(test_acc)
+        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}", test=f"{test_acc:.3f}")
+    bar.close()
+    return params, history, {"mean": mean, "std": std}
+
+
+def save_checkpoint(path: Path, params, norm, config: dict) -> None:
+    """Writes ``{"params", "norm"}`` with orbax to ``path``, and ``config`` to ``path.json``."""
+    ocp = _require("orbax.checkpoint")
+    path = Path(path).absolute()  # orbax wants absolute paths
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, {"params": params, "norm": norm}, force=True)
+        checkpointer.wait_until_finished()
+    path.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def restore_checkpoint(path: Path):
+    """Reads what :func:`save_checkpoint` wrote; returns ``(params, norm, config)``.
+
+    Rebuild the model with ``make_model(config["hidden"])`` and standardize inputs with
+    :func:`normalize` and ``norm["mean"]``/``norm["std"]`` before calling it.
+    """
+    ocp = _require("orbax.checkpoint")
+    path = Path(path).absolute()
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(path)
+    config = json.loads(path.with_suffix(".json").read_text())
+    norm = {k: np.asarray(v) for k, v in state["norm"].items()}
+    return state["params"], norm, config
+
+
+def plot_history(history: dict, path: Path) -> None:
+    """Saves the learning curves (loss; train and test accuracy) as a PNG."""
+    matplotlib = _require("matplotlib")
+    matplotlib.use("Agg")  # files only: the demo must run without a display
+    import matplotlib.pyplot as plt
+
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, history["loss"], color="tab:blue")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log")
+    ax_acc.plot(epochs, history["train_acc"], label="train (with dropout)")
+    ax_acc.plot(epochs, history["test_acc"], label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0.0, 1.02))
+    ax_acc.legend(loc="lower right")
+    fig.suptitle("gru_jax on JapaneseVowels: bidirectional 2-layer GRU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gru_jax.demo",
+        description=(
+            "Train a bidirectional 2-layer gru_jax GRU to tell 9 speakers apart from their "
+            "JapaneseVowels utterances (read from the installed sktime package), print the "
+            "test accuracy, and save an orbax checkpoint and a learning-curve PNG."
+        ),
+    )
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=30, help="passes over the 270 training cases"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling, dropout")
+    parser.add_argument(
+        "--hidden", type=_positive_int, default=32, help="GRU hidden size per direction"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs"),
+        help="output folder for checkpoint/ , checkpoint.json and learning_curves.png",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with JapaneseVowels_{TRAIN,TEST}.ts (default: the sktime package's copy)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the demo; returns the process exit code (1 on a :class:`DemoError`)."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        params, history, norm = train(
+            epochs=args.epochs,
+            seed=args.seed,
+            hidden=args.hidden,
+            data_dir=args.data_dir,
+            progress=not args.quiet,
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        config = {
+            "hidden": args.hidden,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "test_accuracy": history["test_acc"][-1],
+            "history": {k: history[k] for k in ("loss", "train_acc", "test_acc")},
+        }
+        save_checkpoint(args.out / "checkpoint", params, norm, config)
+        plot_history(history, args.out / "learning_curves.png")
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    acc = history["test_acc"][-1]
+    n_test = history["num_test"]
+    print(f"test accuracy: {acc:.2%} ({round(acc * n_test)}/{n_test})")
+    print(f"saved {args.out / 'checkpoint'} and {args.out / 'learning_curves.png'}")
+    print(f"total time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The demo: its JapaneseVowels reader, its one-line errors, and a short end-to-end run."""
+
+import importlib.util
+import json
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gru_jax import demo
+
+# find_spec, not importorskip: importing sktime takes seconds and the demo never does.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("sktime") is None,
+    reason="the demo's data ships with sktime (pip install 'gru-jax[demo]')",
+)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {split: demo.load_japanese_vowels(split) for split in ("train", "test")}
+
+
+def test_reader_sizes_and_labels(splits):
+    (x_tr, len_tr, y_tr), (x_te, len_te, y_te) = splits["train"], splits["test"]
+    # UCI: 270 training and 370 test utterances of 12 LPC coefficients, 7 to 29 frames.
+    assert x_tr.shape == (270, 26, 12) and x_te.shape == (370, 29, 12)
+    assert x_tr.dtype == np.float32 and len_tr.dtype == np.int32 and y_tr.dtype == np.int32
+    assert (len_tr.min(), len_tr.max()) == (7, 26)
+    assert (len_te.min(), len_te.max()) == (7, 29)
+    # 9 speakers, 30 training utterances each; the test set is uneven (24 to 88).
+    np.testing.assert_array_equal(np.bincount(y_tr), np.full(9, 30))
+    counts = np.bincount(y_te, minlength=9)
+    assert counts.sum() == 370 and counts.min() == 24 and counts.max() == 88
+
+
+def test_reader_values(splits):
+    x, lengths, y = splits["train"]
+    # The first case of JapaneseVowels_TRAIN.ts: 20 frames, speaker 1; its first frame's
+    # first three coefficients, and the last frame of channel 0.
+    assert lengths[0] == 20 and y[0] == 0
+    np.testing.assert_allclose(x[0, 0, :3], [1.860936, -0.207383, 0.261557], rtol=1e-6)
+    assert x[0, 19, 0] == np.float32(1.261441)
+    # Padding is exactly zero, and real frames are not.
+    steps = np.arange(x.shape[1])
+    assert np.all(x[steps[None, :] >= lengths[:, None]] == 0.0)
+    assert np.all(np.abs(x[steps[None, :] < lengths[:, None]]).sum(-1) > 0.0)
+
+
+def test_normalize_uses_real_frames_only(splits):
+    x, lengths, _ = splits["train"]
+    mean, std = demo.channel_stats(x, lengths)
+    z = demo.normalize(x, lengths, mean, std)
+    real = np.arange(x.shape[1])[None, :] < lengths[:, None]
+    np.testing.assert_allclose(z[real].mean(0), np.zeros(12), atol=1e-4)
+    np.testing.assert_allclose(z[real].std(0), np.ones(12), rtol=1e-3)
+    assert np.all(z[~real] == 0.0)
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        demo.load_japanese_vowels("validation")
+
+
+def _copy_dataset(tmp_path):
+    for name in ("JapaneseVowels_TRAIN.ts", "JapaneseVowels_TEST.ts"):
+        shutil.copy(demo.dataset_dir() / name, tmp_path / name)
+    return tmp_path / "JapaneseVowels_TRAIN.ts"
+
+
+def _corrupt_case(path, edit):
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip().lower() == "@data") + 1
+    lines[first] = edit(lines[first])
+    path.write_text("\n".join(lines) + "\n")
+    return first + 1  # 1-based line number
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda line: line.replace("1.860936", "1.86x936", 1), "not a number"),
+        (lambda line: line.split(":", 1)[1], "expected 12 channels, found 11"),
+        (lambda line: line.replace(",1.261441:", ":", 1), "channels have different lengths"),
+        (lambda line: line.rsplit(":", 1)[0] + ":42", "class label '42' is not among"),
+    ],
+)
+def test_corrupt_file_names_file_line_and_problem(tmp_path, edit, problem):
+    path = _copy_dataset(tmp_path)
+    lineno = _corrupt_case(path, edit)
+    with pytest.raises(demo.DemoError) as info:
+        demo.load_japanese_vowels("train", tmp_path)
+    message = str(info.value)
+    assert str(path) in message and f"line {lineno}" in message and problem in message
+
+
+def test_truncated_file(tmp_path):
+    path = _copy_dataset(tmp_path)
+    path.write_text("@problemName JapaneseVowels\n@dimensions 12\n")
+    with pytest.raises(demo.DemoError, match="no '@data' section"):
+        demo.load_japanese_vowels("train", tmp_path)
+
+
+def test_cli_reports_corrupt_file_in_one_line(tmp_path, capsys):
+    path = _copy_dataset(tmp_path)
+    _corrupt_case(path, lambda line: line.replace("1.860936", "nan?", 1))
+    code = demo.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: corrupt dataset file")
+    assert str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("package", ["sktime", "tqdm"])
+def test_cli_missing_package_says_what_to_install(monkeypatch, tmp_path, capsys, package):
+    # None in sys.modules makes both find_spec and import fail, as if it were not installed.
+    monkeypatch.setitem(sys.modules, package, None)
+    code = demo.main(["--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "pip install 'gru-jax[demo]'" in err and package in err
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_help_lists_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--epochs", "--seed", "--hidden", "--out"):
+        assert option in out
+
+
+def test_short_run_learns_and_saves(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--epochs", "2", "--hidden", "8", "--seed", "1", "--out", str(out), "--quiet"]
+    # optax's Adam computes `decay ** count` with an int32 count, which the suite's strict
+    # promotion rejects; the demo runs under JAX's standard promotion anyway.
+    with jax.numpy_dtype_promotion("standard"):
+        code = demo.main(argv)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy:" in printed
+
+    config = json.loads((out / "checkpoint.json").read_text())
+    loss = config["history"]["loss"]
+    assert len(loss) == 2 and loss[1] < loss[0]
+    assert config["hidden"] == 8 and config["epochs"] == 2
+    png = (out / "learning_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    # The checkpoint restores to a model with the same test accuracy.
+    params, norm, restored = demo.restore_checkpoint(out / "checkpoint")
+    assert restored == config
+    x, lengths, y = demo.load_japanese_vowels("test")
+    model = demo.make_model(restored["hidden"])
+    logits = jax.jit(model.apply)({"params": params}, demo.normalize(x, lengths, **norm), lengths)
+    accuracy = float(np.mean(np.asarray(jax.numpy.argmax(logits, -1)) == y))
+    assert accuracy == pytest.approx(config["test_accuracy"], abs=1e-6)
+    assert accuracy > 1 / 9  # better than chance after two epochs
