@@ -25,8 +25,9 @@ Parameter trees (plain dicts of arrays, shared by the linen and NNX modules):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -202,12 +203,16 @@ def gru_step(cell_params: CellParams, h, x, *, reset_after: bool = True, dtype=N
 
 
 # --------------------------------------------------------------------------------------------
-# One layer (both directions in one scan)
+# One layer, generic: fused (K, H, 3H) cell, both directions in one scan
 # --------------------------------------------------------------------------------------------
 
 
-def _layer(lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dtype, acc_dtype):
-    """Runs one layer, all directions at once.
+def _layer_generic(
+    lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dtype, acc_dtype
+):
+    """Runs one layer, all directions in one scan of the fused cell (any ``reset_after``).
+
+    JAX's own autodiff; used for ``reset_after=False``.
 
     Args:
       lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
@@ -258,6 +263,266 @@ def _layer(lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dty
             y = _masking.reverse_valid(y, lengths)
         outs.append(y)
     y = outs[0] if num_dirs == 1 else jnp.concatenate(outs, axis=-1)
+    if mask is not None:
+        y = jnp.where(mask, y, jnp.zeros((), y.dtype))
+    return y, h_n
+
+
+# --------------------------------------------------------------------------------------------
+# One layer, reset_after=True: per-gate matmuls, and a custom JVP whose transpose is cheap
+# --------------------------------------------------------------------------------------------
+#
+# Layout (chosen by measurement on CPU, see BENCHMARKS.md): directions and gates are unstacked
+# into separate (T, B, H) input projections and (H, H) hidden kernels, so the time loop runs
+# 3K independent (B, H) @ (H, H) matmuls and K elementwise fusions per step, with no slicing
+# of fused (..., 3H) arrays and no batched matmul inside the loop.
+#
+# Differentiation. JAX's own derivative of a scanned cell accumulates the weight gradient
+# ``h_{t-1}^T dG_t`` step by step inside the backward loop, a (H, B) @ (B, 3H) matmul per step.
+# The rule below instead linearizes the whole layer at once:
+#
+#   * every gate value is recomputed from the saved states with one big (T*B, H) @ (H, H)
+#     matmul per gate (not inside the loop), and folded into five per-step coefficient arrays;
+#   * the tangent recurrence is then ``dh_t = s_t + sum_g c_g,t * (dh_{t-1} @ W_g) + z_t dh_{t-1}``
+#     where ``s_t`` collects every tangent that does not depend on ``dh`` (input, weights,
+#     biases) and is computed outside the loop;
+#   * reverse mode transposes that: the backward loop does one (B, H) @ (H, H) matmul per gate
+#     and step, and the weight gradients become single big matmuls over all T*B rows.
+#
+# Both forward and reverse mode (and their compositions) work, because only the JVP is custom.
+
+
+class _Static(NamedTuple):
+    """Hashable options of :func:`_layer_ra` (its ``nondiff_argnums``)."""
+
+    unroll: int
+    remat: bool
+    compute_dtype: Any
+
+
+def _mm(a, w, compute_dtype, acc_dtype, spec: str = "...i,io->...o"):
+    return jnp.einsum(
+        spec, a.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=acc_dtype
+    )
+
+
+def _sources(xs, lengths, num_dirs: int):
+    """The input sequence of each direction in scan order (the reverse one valid-reversed)."""
+    return [xs if k == 0 else _masking.reverse_valid(xs, lengths) for k in range(num_dirs)]
+
+
+def _project(xs, w_ih, bias_x, lengths, static: _Static, acc_dtype):
+    """``xg[k][g]``: ``(T, B, H)`` input projection of direction ``k``, gate ``g`` (+ bias)."""
+    num_dirs, _, g3 = w_ih.shape
+    hidden = g3 // 3
+    out = []
+    for k, src in enumerate(_sources(xs, lengths, num_dirs)):
+        per_gate = []
+        for g in range(3):
+            w = w_ih[k, :, g * hidden : (g + 1) * hidden]
+            xp = _mm(src, w, static.compute_dtype, acc_dtype)
+            if bias_x is not None:
+                b = bias_x[k, g * hidden : (g + 1) * hidden].astype(acc_dtype)
+                xp = xp + b.reshape(1, 1, hidden)
+            per_gate.append(xp)
+        out.append(per_gate)
+    return out
+
+
+def _hidden_kernels(w_hh):
+    """``w[k][g]``: the ``(H, H)`` block of ``w_hh`` for direction ``k``, gate ``g``."""
+    num_dirs, hidden, _ = w_hh.shape
+    return [[w_hh[k, :, g * hidden : (g + 1) * hidden] for g in range(3)] for k in range(num_dirs)]
+
+
+def _forward_scan(xg, w, b_hn, h0, mask, static: _Static, acc_dtype):
+    """The time loop: ``hs[k]`` ``(T, B, H)``, the state after every step, per direction."""
+    num_dirs = len(xg)
+    cd = static.compute_dtype
+
+    def step(hs, inputs):
+        x_t, m_t = inputs
+        new = []
+        for k in range(num_dirs):
+            h = hs[k]
+            hp = [_mm(h, w[k][g], cd, acc_dtype) for g in range(3)]
+            r = jax.nn.sigmoid(x_t[k][0] + hp[0])
+            z = jax.nn.sigmoid(x_t[k][1] + hp[1])
+            hn = hp[2] if b_hn is None else hp[2] + b_hn[k][None, :]
+            n = jnp.tanh(x_t[k][2] + r * hn)
+            h_new = n + z * (h - n)
+            if m_t is not None:
+                # Past a sequence's end its state is frozen, as with torch's PackedSequence.
+                h_new = jnp.where(m_t, h_new, h)
+            new.append(h_new)
+        new = tuple(new)
+        return new, new
+
+    _, hs = jax.lax.scan(step, tuple(h0), (xg, mask), unroll=static.unroll)
+    return hs
+
+
+def _prepare(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, lengths, acc_dtype):
+    xg = _project(xs, w_ih, bias_x, lengths, static, acc_dtype)
+    w = [[wg.astype(static.compute_dtype) for wg in wk] for wk in _hidden_kernels(w_hh)]
+    bn = None if b_hn is None else [b_hn[k].astype(acc_dtype) for k in range(w_hh.shape[0])]
+    return xg, w, bn
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths):
+    """One reset-after layer, every direction: ``hs[k]`` ``(T, B, H)`` in scan order.
+
+    Args:
+      static: unroll, remat, compute dtype.
+      xs: ``(T, B, D)`` layer input.
+      w_ih: ``(K, D, 3H)``; bias_x: ``(K, 3H)`` (``b_ih`` plus the ``r, z`` part of ``b_hh``)
+        or ``None``; w_hh: ``(K, H, 3H)``; b_hn: ``(K, H)`` or ``None``.
+      h0: ``(K, B, H)`` in the accumulation dtype.
+      mask: ``bool[T, B, 1]`` or ``None``; lengths: ``int32[B]`` or ``None``.
+    """
+    acc_dtype = h0.dtype
+    xg, w, bn = _prepare(static, xs, w_ih, bias_x, w_hh, b_hn, lengths, acc_dtype)
+    return _forward_scan(xg, w, bn, [h0[k] for k in range(h0.shape[0])], mask, static, acc_dtype)
+
+
+def _coefficients(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, hs, mask, lengths):
+    """Per direction: the tangent coefficients ``(c_r, c_z, c_n, c_f, c_h)`` and ``h_{t-1}``.
+
+    With ``P = (1 - z)(1 - n^2)``: ``c_r = P r (1 - r) hn``, ``c_z = z (1 - z)(h_{t-1} - n)``,
+    ``c_n = P r``, ``c_f = P``, ``c_h = z``; at padded steps ``0`` (``c_h = 1``), so the tangent
+    state is carried unchanged there. Gates are recomputed from the saved states, vectorized
+    over time (one big matmul per gate), not inside the loop.
+    """
+    acc_dtype = h0.dtype
+    cd = static.compute_dtype
+    xg, w, bn = _prepare(static, xs, w_ih, bias_x, w_hh, b_hn, lengths, acc_dtype)
+    out = []
+    for k in range(len(xg)):
+        hprev = jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0)
+        hp = [_mm(hprev, w[k][g], cd, acc_dtype) for g in range(3)]
+        r = jax.nn.sigmoid(xg[k][0] + hp[0])
+        z = jax.nn.sigmoid(xg[k][1] + hp[1])
+        hn = hp[2] if bn is None else hp[2] + bn[k][None, None, :]
+        n = jnp.tanh(xg[k][2] + r * hn)
+        one = jnp.ones((), acc_dtype)
+        p = (one - z) * (one - n * n)
+        c_n = p * r
+        coef = [c_n * (one - r) * hn, z * (one - z) * (hprev - n), c_n, p]
+        if mask is not None:
+            zero = jnp.zeros((), acc_dtype)
+            coef = [jnp.where(mask, c, zero) for c in coef] + [jnp.where(mask, z, one)]
+        else:
+            coef = [*coef, z]
+        out.append((tuple(coef), hprev))
+    return out
+
+
+def _is_zero(t) -> bool:
+    return t is None or isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+@_layer_ra.defjvp
+def _layer_ra_jvp(static: _Static, primals, tangents):
+    xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths = primals
+    dxs, dw_ih, dbias_x, dw_hh, db_hn, dh0, _, _ = tangents
+    acc_dtype = h0.dtype
+    cd = static.compute_dtype
+    num_dirs, hidden, _ = w_hh.shape
+    hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths)
+
+    coef_fn = functools.partial(_coefficients, static)
+    if static.remat:
+        # Save only the inputs and the states; recompute the gates in the backward pass.
+        coef_fn = jax.checkpoint(coef_fn, prevent_cse=False)
+    per_dir = coef_fn(xs, w_ih, bias_x, w_hh, b_hn, h0, hs, mask, lengths)
+
+    # Tangents that do not depend on the tangent state: input, kernels, biases.
+    srcs = _sources(xs, lengths, num_dirs)
+    dsrcs = None if _is_zero(dxs) else _sources(dxs, lengths, num_dirs)
+    sources = []
+    for k in range(num_dirs):
+        (c_r, c_z, c_n, c_f, _), hprev = per_dir[k]
+        e = []  # e[g]: tangent of gate g's pre-activation sum that excludes dh_{t-1} @ W_g
+        for g in range(3):
+            sl = slice(g * hidden, (g + 1) * hidden)
+            terms = []
+            if dsrcs is not None:
+                terms.append(_mm(dsrcs[k], w_ih[k, :, sl], cd, acc_dtype))
+            if not _is_zero(dw_ih):
+                terms.append(_mm(srcs[k], dw_ih[k, :, sl], cd, acc_dtype))
+            if not _is_zero(dbias_x):
+                terms.append(dbias_x[k, sl].astype(acc_dtype).reshape(1, 1, hidden))
+            x_part = sum(terms[1:], terms[0]) if terms else None
+            h_terms = []
+            if not _is_zero(dw_hh):
+                h_terms.append(_mm(hprev, dw_hh[k, :, sl], cd, acc_dtype))
+            if g == 2 and not _is_zero(db_hn):
+                h_terms.append(db_hn[k].astype(acc_dtype).reshape(1, 1, hidden))
+            h_part = sum(h_terms[1:], h_terms[0]) if h_terms else None
+            e.append((x_part, h_part))
+        s = []
+        (xr, hr), (xz, hz), (xn, hn_) = e
+        for coef, part in ((c_r, xr), (c_r, hr), (c_z, xz), (c_z, hz), (c_n, hn_), (c_f, xn)):
+            if part is not None:
+                s.append(coef * part)
+        sources.append(sum(s[1:], s[0]) if s else jnp.zeros_like(hs[k]))
+
+    dh_init = (
+        [jnp.zeros_like(h0[k]) for k in range(num_dirs)]
+        if _is_zero(dh0)
+        else [dh0[k].astype(acc_dtype) for k in range(num_dirs)]
+    )
+    # Transposed kernels: the reverse-mode transpose of ``dh @ wT.T`` is ``ct @ wT``, a plain
+    # matmul, so the backward loop needs no per-step transposition.
+    w_t = [[wg.astype(cd).T for wg in wk] for wk in _hidden_kernels(w_hh)]
+    coefs = [per_dir[k][0] for k in range(num_dirs)]
+
+    def step(dhs, inputs):
+        s_t, c_t = inputs
+        new = []
+        for k in range(num_dirs):
+            dh = dhs[k]
+            c_r, c_z, c_n, _, c_h = c_t[k]
+            hp = [_mm(dh, w_t[k][g], cd, acc_dtype, "...i,oi->...o") for g in range(3)]
+            new.append(s_t[k] + c_r * hp[0] + c_z * hp[1] + c_n * hp[2] + c_h * dh)
+        new = tuple(new)
+        return new, new
+
+    _, dhs = jax.lax.scan(step, tuple(dh_init), (sources, coefs), unroll=static.unroll)
+    return hs, dhs
+
+
+def _layer(lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dtype, acc_dtype):
+    """Runs one layer, all directions at once.
+
+    Args:
+      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
+      xs: ``(T, B, D)`` time-major layer input.
+      h0: ``(K, B, H)`` initial states in ``acc_dtype``.
+      mask: ``bool[T, B, 1]`` validity mask, or ``None`` when every sequence is full length.
+      lengths: ``int32[B]`` or ``None``.
+
+    Returns:
+      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` in ``acc_dtype``, zero at padded steps;
+      ``h_n`` ``(K, B, H)``.
+    """
+    if not reset_after:
+        return _layer_generic(
+            lp, xs, h0, mask, lengths, reset_after=reset_after, unroll=unroll, remat=remat,
+            compute_dtype=compute_dtype, acc_dtype=acc_dtype,
+        )  # fmt: skip
+    w_ih, w_hh = lp["w_ih"], lp["w_hh"]
+    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+    bias_x, b_hn = _split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
+    static = _Static(int(unroll), bool(remat), jnp.dtype(compute_dtype))
+    hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths)
+    # With frozen padded steps, the last state of the scan is h_n in both directions.
+    h_n = jnp.stack([h[-1] for h in hs])
+    if num_dirs == 1:
+        y = hs[0]
+    else:
+        y = jnp.concatenate([hs[0], _masking.reverse_valid(hs[1], lengths)], axis=-1)
     if mask is not None:
         y = jnp.where(mask, y, jnp.zeros((), y.dtype))
     return y, h_n

@@ -1,7 +1,8 @@
 """Benchmark harness: gru_jax against its peers, side by side in one process.
 
 ``python -m gru_jax.bench [--quick] [--out DIR]`` times forward (inference) and
-forward+backward (the gradient of ``mean(output ** 2)``) of gru_jax's linen ``GRU`` and of
+forward+backward (the gradient of ``mean(output ** 2)`` over valid steps) of gru_jax's linen
+``GRU`` and of
 
 * ``flax.linen.RNN(nn.GRUCell)``, stacked, with ``nn.Bidirectional`` by hand;
 * Keras 3 ``layers.GRU`` on the JAX backend (jitted ``stateless_call``, lengths as a mask);

@@ -131,7 +131,7 @@ def _report(p, info, rate, rows, sweep_rows, compile_t, compile_l, memory, notes
         f"- float32 matmul rate (jnp.dot {p.matmul_n}x{p.matmul_n}): {rate / 1e9:.1f} GFLOP/s",
         f"- timing: warm-up 2 calls, then the median of {p.reps} interleaved repetitions "
         "(every implementation once per round, order rotated); fwd+bwd = gradient of "
-        "mean(output**2) w.r.t. all parameters; wall time of the whole run "
+        "mean(output**2) over valid steps w.r.t. all parameters; wall time of the whole run "
         f"{elapsed:.0f} s",
         "",
         "## Peers",

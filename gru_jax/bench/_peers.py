@@ -6,15 +6,17 @@ the result is ready and return it. ``forward()`` returns the output sequence
 ``(B, T, K*H)`` so that tests can check that every peer computes the same function as ours
 (compare at valid steps only: peers differ in what they write at padded steps).
 
-``train_step()`` is the gradient of the loss ``mean(output ** 2)`` with respect to every
-parameter (not the input), as a training step would compute it.
+``train_step()`` is the gradient of the loss ``mean(output ** 2)`` (over valid steps) with
+respect to every parameter (not the input), as a training step would compute it.
 
 A builder raises :class:`Unavailable` when its library is missing or cannot run the case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -119,8 +121,41 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
-def _loss(out):
-    return jnp.mean(jnp.square(out))
+@contextlib.contextmanager
+def _default_promotion():
+    """JAX's default promotion rules, for building and tracing third-party peers.
+
+    Peers are not written for ``jax_numpy_rank_promotion="raise"`` or strict dtype promotion
+    (our test suite's settings); gru_jax itself is always traced under the caller's settings.
+    """
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def _lenient(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run under :func:`_default_promotion`."""
+
+    def call():
+        with _default_promotion():
+            return fn()
+
+    return call
+
+
+def loss_weights(case: Case) -> np.ndarray:
+    """``(B, T, 1)`` float32 weights of the loss: ``1 / (number of valid steps)`` at valid
+    steps, 0 at padded ones (peers differ in what they output there)."""
+    cfg = case.config
+    valid = np.ones((cfg.batch, cfg.steps), bool)
+    if case.lengths is not None:
+        valid = np.arange(cfg.steps)[None, :] < case.lengths[:, None]
+    w = valid / max(1, int(valid.sum()))
+    return w[..., None].astype(np.float32)
+
+
+def _loss(out, weights):
+    """The training loss of every peer: the mean of ``out ** 2`` over valid steps."""
+    return jnp.sum(jnp.square(out) * weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +180,8 @@ def build_ours(case: Case, **options) -> Impl:
         return model.apply(v, x, lengths=lengths)[0]
 
     fwd = jax.jit(apply)
-    grad = jax.jit(jax.grad(lambda v, x, lengths: _loss(apply(v, x, lengths))))
+    weights = jnp.asarray(loss_weights(case))
+    grad = jax.jit(jax.grad(lambda v, x, lengths: _loss(apply(v, x, lengths), weights)))
     return Impl(
         "gru_jax",
         lambda: _block(fwd(variables, x, lengths)),
@@ -176,6 +212,16 @@ def _flax_cell_params(cell: dict) -> dict:
     }
 
 
+def _with_default_promotion(build):
+    @functools.wraps(build)
+    def wrapped(case: Case) -> Impl:
+        with _default_promotion():
+            return build(case)
+
+    return wrapped
+
+
+@_with_default_promotion
 def build_flax(case: Case) -> Impl:
     """``flax.linen.RNN(GRUCell)`` per layer, ``nn.Bidirectional`` for two directions."""
     try:
@@ -213,11 +259,12 @@ def build_flax(case: Case) -> Impl:
         return model.apply(v, x, seq_lengths=lengths)
 
     fwd = jax.jit(apply)
-    grad = jax.jit(jax.grad(lambda v, x, lengths: _loss(apply(v, x, lengths))))
+    weights = jnp.asarray(loss_weights(case))
+    grad = jax.jit(jax.grad(lambda v, x, lengths: _loss(apply(v, x, lengths), weights)))
     return Impl(
         "flax.linen.RNN(GRUCell)",
-        lambda: _block(fwd(variables, x, lengths)),
-        lambda: _block(grad(variables, x, lengths)),
+        _lenient(lambda: _block(fwd(variables, x, lengths))),
+        _lenient(lambda: _block(grad(variables, x, lengths))),
     )
 
 
@@ -232,6 +279,7 @@ def _keras_gate_order(a: np.ndarray, hidden: int) -> np.ndarray:
     return np.concatenate([z, r, n], axis=-1)
 
 
+@_with_default_promotion
 def build_keras(case: Case) -> Impl:
     """Keras 3 ``layers.GRU`` (``Bidirectional`` for two directions), jitted stateless call.
 
@@ -285,11 +333,12 @@ def build_keras(case: Case) -> Impl:
         return x
 
     fwd = jax.jit(apply)
-    grad = jax.jit(jax.grad(lambda tv, x, mask: _loss(apply(tv, x, mask))))
+    weights = jnp.asarray(loss_weights(case))
+    grad = jax.jit(jax.grad(lambda tv, x, mask: _loss(apply(tv, x, mask), weights)))
     return Impl(
         f"keras {keras.__version__} GRU (jax)",
-        lambda: _block(fwd(variables, x, mask)),
-        lambda: _block(grad(variables, x, mask)),
+        _lenient(lambda: _block(fwd(variables, x, mask))),
+        _lenient(lambda: _block(grad(variables, x, mask))),
         note="lengths as a (B, T) mask" if mask is not None else "",
     )
 
@@ -350,6 +399,7 @@ def build_torch(case: Case) -> Impl:
     x = torch.from_numpy(case.x).to(device)
     lengths = None if case.lengths is None else torch.from_numpy(case.lengths.astype(np.int64))
     params = list(model.parameters())
+    weights = torch.from_numpy(loss_weights(case)).to(device)
 
     def sync():
         if on_gpu:
@@ -374,7 +424,7 @@ def build_torch(case: Case) -> Impl:
         return out.cpu().numpy() if on_gpu else out.numpy()
 
     def train_step():
-        loss = run().square().mean()
+        loss = (run().square() * weights).sum()
         grads = torch.autograd.grad(loss, params)
         sync()
         return grads

@@ -1,0 +1,130 @@
+"""Smoke test of the benchmark harness (gru_jax.bench) on tiny shapes: no timing assertions.
+
+Checks that every available peer computes the same function as gru_jax on the same weights
+(forward at valid steps, and the gradients w.r.t. the weights for flax and torch, which
+exercises gru_jax's custom backward against two independent implementations), and that a
+whole run writes a report with finite, positive timings for every implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from gru_jax import bench
+from gru_jax.bench import _harness, _peers
+
+TINY = _peers.Config("tiny", 3, 6, 5, 4)
+TINY_BI = _peers.Config("tiny-bi", 4, 7, 3, 4, layers=2, bidirectional=True, variable_lengths=True)
+
+
+def _valid(case):
+    cfg = case.config
+    if case.lengths is None:
+        return np.ones((cfg.batch, cfg.steps), bool)
+    return np.arange(cfg.steps)[None, :] < case.lengths[:, None]
+
+
+def _available(case):
+    impls = {}
+    for key, build in _peers.PEERS.items():
+        try:
+            impls[key] = build(case)
+        except _peers.Unavailable:
+            continue
+    return impls
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_BI], ids=lambda c: c.name)
+def test_peers_compute_the_same_function(config):
+    """Same weights and inputs: every peer's output equals ours at valid steps, and flax's
+    and torch's weight gradients of the same loss equal ours."""
+    case = _peers.make_case(config, seed=1)
+    ours_impl = _peers.build_ours(case)
+    ours = np.asarray(ours_impl.forward())
+    assert ours.shape == (config.batch, config.steps, config.directions * config.hidden)
+    valid = _valid(case)
+    impls = _available(case)
+    assert "flax" in impls  # flax is a dependency of gru_jax
+    for key, impl in impls.items():
+        theirs = np.asarray(impl.forward())
+        np.testing.assert_allclose(theirs[valid], ours[valid], rtol=1e-5, atol=1e-5, err_msg=key)
+
+    grads = ours_impl.train_step()["params"]
+    hidden = config.hidden
+    gates = [slice(g * hidden, (g + 1) * hidden) for g in range(3)]
+    close = dict(rtol=1e-4, atol=1e-6)
+    flax = impls["flax"].train_step()["params"]
+    for i in range(config.layers):
+        lp = grads[f"layer_{i}"]
+        for k in range(config.directions):
+            cell = flax[f"l{i}_d{k}"]
+            for g, name in enumerate("rzn"):
+                np.testing.assert_allclose(
+                    cell[f"i{name}"]["kernel"], lp["w_ih"][k][:, gates[g]], **close
+                )
+                np.testing.assert_allclose(
+                    cell[f"h{name}"]["kernel"], lp["w_hh"][k][:, gates[g]], **close
+                )
+            np.testing.assert_allclose(cell["hn"]["bias"], lp["b_hh"][k][gates[2]], **close)
+    if "torch" not in impls:
+        return
+    # torch.nn.GRU's parameter order: per layer, per direction: w_ih, w_hh, b_ih, b_hh.
+    it = iter(np.asarray(g) for g in impls["torch"].train_step())
+    for i in range(config.layers):
+        lp = grads[f"layer_{i}"]
+        for k in range(config.directions):
+            for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
+                got = next(it)
+                got = got.T if name.startswith("w") else got
+                np.testing.assert_allclose(got, lp[name][k], **close, err_msg=name)
+
+
+def test_run_writes_a_report(tmp_path):
+    # One cheap peer keeps this fast (the peers' numerics are checked above): torch if
+    # installed (nothing to compile), else flax.
+    try:
+        import torch  # noqa: F401
+
+        peers = ["torch"]
+    except ImportError:
+        peers = ["flax"]
+    plan = bench.Plan(
+        configs=[TINY],
+        reps=7,
+        peers=peers,
+        sweep_steps=(4,),
+        compile_steps=(4, 8),
+        compile_layers=(1, 2),
+        memory_configs=(TINY,),
+        matmul_n=256,
+    )
+    md = bench.run(plan, tmp_path, command="pytest", log=lambda s: None)
+    assert (tmp_path / "results.md").read_text() == md
+    payload = json.loads((tmp_path / "results.json").read_text())
+    rows = payload["rows"]
+    for cfg in plan.configs:
+        impls = {r["impl"] for r in rows if r["config"]["name"] == cfg.name}
+        assert _harness.OURS in impls and len(impls) == 2
+        for r in rows:
+            for field in ("forward", "train"):
+                assert math.isfinite(r[field]) and r[field] > 0, r
+    assert "| gru_jax | " in md and "1.00x" in md
+    assert payload["matmul_flops_per_s"] > 0
+    assert len(payload["compile_vs_steps"]) == 2 and len(payload["compile_vs_layers"]) == 2
+    mem = payload["memory"]
+    assert [m[1] for m in mem] == [False, True]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "time_vs_T.png").stat().st_size > 0
+
+
+def test_matmul_rate_is_positive():
+    assert _harness.matmul_rate(64, reps=7) > 0
+    jax.clear_caches()
