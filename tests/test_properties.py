@@ -201,7 +201,7 @@ def test_reference_reset_before_by_hand():
 # --------------------------------------------------------------------------------------------
 
 
-@_settings(12)
+@_settings(10)
 @given(cfg=configs())
 def test_matches_reference_float32(cfg):
     params, x, h0, lengths = make_inputs(cfg)
@@ -248,7 +248,7 @@ def test_matches_reference_float64(cfg):
 # --------------------------------------------------------------------------------------------
 
 
-@_settings(6)
+@_settings(4)
 @given(cfg=configs(with_lengths=True))
 def test_batch_equals_each_sequence_alone(cfg):
     """Sequence ``b`` of a padded batch == ``x[b, :lengths[b]]`` run alone, unpadded.
@@ -305,7 +305,7 @@ def with_padding(cfg, x, lengths, fill):
     return np.ascontiguousarray(batch_major(cfg, xb)), pad
 
 
-@_settings(8)
+@_settings(6)
 @given(
     cfg=configs(with_lengths=True),
     fill=st.sampled_from([*NON_FINITE, *FINITE_JUNK, "random"]),
@@ -343,7 +343,7 @@ def loss_and_grads(cfg, params, x, h0, lengths):
     return _loss_and_grads(params, x, h0, lengths, w_out, w_h, **static)
 
 
-@_settings(6)
+@_settings(4)
 @given(cfg=configs(with_lengths=True), fill=st.sampled_from([*FINITE_JUNK, "random"]))
 def test_padding_never_changes_gradients(cfg, fill):
     """Finite junk in the padding: bit-identical gradients, and zero gradient for the padding.

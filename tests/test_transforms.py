@@ -208,17 +208,13 @@ def test_bf16_compute_close_to_float32_over_1024_steps():
         f = jax.jit(lambda p, x, dt: gru_jax.gru(p, x, dtype=dt), static_argnums=2)
         out32, h32 = f(params, x, None)
         out16, h16 = f(params, x, jnp.bfloat16)
-        out16x, _ = f(params, x.astype(jnp.bfloat16), None)  # bf16 x: bf16 output
     assert out16.dtype == jnp.float32 and h16.dtype == jnp.float32  # returned in x's dtype
-    assert out16x.dtype == jnp.bfloat16
-    for o in (out16, h16, out16x):
+    for o in (out16, h16):
         assert np.all(np.isfinite(np.asarray(o, np.float32)))
     err = np.abs(np.asarray(out16) - np.asarray(out32))
     assert err.max() <= 1e-2 and err.mean() <= 1e-3, (err.max(), err.mean())
     assert err[:, -256:].max() <= 2 * err[:, :256].max() + 1e-3
     assert np.abs(np.asarray(h16) - np.asarray(h32)).max() <= 1e-2
-    err_x = np.abs(np.asarray(out16x, np.float32) - np.asarray(out32))
-    assert err_x.max() <= 1e-2 and err_x.mean() <= 1e-3, (err_x.max(), err_x.mean())
     assert np.any(out16 != out32)  # bf16 was actually used
 
 
@@ -272,7 +268,7 @@ _DETERMINISM_SCRIPT = textwrap.dedent(
 
     def run():
         rng = np.random.default_rng(0)
-        params = random_params(rng, 3, 8, num_layers=2, bidirectional=True)
+        params = random_params(rng, 3, 8, num_layers=2)
         x = rng.standard_normal((4, 20, 3)).astype(np.float32)
         lengths = np.array([20, 11, 1, 0], np.int32)
         result = train_step(params, x, lengths, jax.random.key(2))
