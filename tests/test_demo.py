@@ -113,15 +113,16 @@ def test_cli_reports_corrupt_file_in_one_line(tmp_path, capsys):
     assert str(path) in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("package", ["sktime", "tqdm"])
-def test_cli_missing_package_says_what_to_install(monkeypatch, tmp_path, capsys, package):
-    # None in sys.modules makes both find_spec and import fail, as if it were not installed.
-    monkeypatch.setitem(sys.modules, package, None)
-    code = demo.main(["--out", str(tmp_path), "--quiet"])
+@pytest.mark.parametrize("module", ["sktime", "tqdm", "matplotlib.figure", "orbax.checkpoint"])
+def test_cli_missing_package_says_what_to_install(monkeypatch, tmp_path, capsys, module):
+    # None in sys.modules makes find_spec and import fail, as if it were not installed.
+    monkeypatch.setitem(sys.modules, module, None)
+    code = demo.main(["--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.count("\n") == 1 and "pip install 'gru-jax[demo]'" in err and package in err
-    assert not (tmp_path / "checkpoint").exists()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "pip install 'gru-jax[demo]'" in err and module.split(".")[0] in err
+    assert not (tmp_path / "out").exists()  # it failed before training
 
 
 def test_help_lists_options(capsys):
