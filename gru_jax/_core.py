@@ -687,32 +687,62 @@ def gru(
     if dropout > 0.0 and key is not None and num_layers > 1:
         drop_keys = jax.random.split(key, num_layers - 1)
 
-    layer_in = xs
-    finals = []
-    for i in range(num_layers):
-        y, h_n = _layer(
-            params[f"layer_{i}"],
-            layer_in,
-            h0[i * num_dirs : (i + 1) * num_dirs],
-            mask,
-            lengths,
-            reset_after=reset_after,
-            unroll=unroll,
-            remat=remat,
-            compute_dtype=compute_dtype,
-            acc_dtype=acc_dtype,
-        )
-        finals.append(h_n)
-        if drop_keys is not None and i < num_layers - 1:
-            keep = jax.random.bernoulli(drop_keys[i], 1.0 - dropout, y.shape)
-            y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
-        layer_in = y
+    run = functools.partial(
+        _layer,
+        mask=mask,
+        lengths=lengths,
+        reset_after=reset_after,
+        unroll=unroll,
+        remat=remat,
+        compute_dtype=compute_dtype,
+        acc_dtype=acc_dtype,
+    )
+
+    def drop(y, i):
+        """Dropout on layer ``i``'s output (every layer but the last)."""
+        if drop_keys is None:
+            return y
+        keep = jax.random.bernoulli(drop_keys[i], 1.0 - dropout, y.shape)
+        return jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
+
+    def h0_of(i):
+        return h0[i * num_dirs : (i + 1) * num_dirs]
+
+    layer_in, first_h = run(params["layer_0"], xs, h0_of(0))
+    finals = [first_h]
+    rest = [params[f"layer_{i}"] for i in range(1, num_layers)]
+    if len(rest) >= 2 and _same_structure(rest):
+        # Layers 1..L-1 have identical shapes: one lax.scan over them compiles the layer once,
+        # so compile time stays flat in num_layers.
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *rest)
+        h0_rest = h0[num_dirs:].reshape(num_layers - 1, num_dirs, *h0.shape[1:])
+        keys = None if drop_keys is None else drop_keys
+
+        def body(y, inputs):
+            lp, h0_l, key_l = inputs
+            if key_l is not None:
+                keep = jax.random.bernoulli(key_l, 1.0 - dropout, y.shape)
+                y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
+            return run(lp, y, h0_l)
+
+        layer_in, h_rest = jax.lax.scan(body, layer_in, (stacked, h0_rest, keys))
+        finals.append(h_rest.reshape(-1, *h_rest.shape[2:]))
+    else:
+        for i, lp in enumerate(rest, start=1):
+            layer_in, h_n = run(lp, drop(layer_in, i - 1), h0_of(i))
+            finals.append(h_n)
 
     out = layer_in.astype(x.dtype)
     h_n = jnp.concatenate(finals, axis=0).astype(x.dtype)
     if unbatched:
         return out[:, 0], h_n[:, 0]
     return (jnp.swapaxes(out, 0, 1) if batch_first else out), h_n
+
+
+def _same_structure(layers) -> bool:
+    """Whether the layers' params trees have the same keys, shapes and dtypes (stackable)."""
+    first = jax.tree.map(lambda a: (a.shape, a.dtype), layers[0])
+    return all(jax.tree.map(lambda a: (a.shape, a.dtype), lp) == first for lp in layers[1:])
 
 
 def cell_of(params: Params, layer: int = 0, direction: int = 0) -> dict[str, Any]:
