@@ -7,7 +7,7 @@ to generate; hypothesis shrinks the configuration, the seed replays the numbers)
 
 Examples per test: 4 to 10 (CI-sized: every example compiles a new program; derandomized so
 CI is reproducible). ``HYPOTHESIS_PROFILE=heavy`` runs ten times more, drawn at random each
-run (~15 minutes of CPU for the file).
+run (~10 minutes of CPU for the file).
 
 Tolerances:
 
