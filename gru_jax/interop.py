@@ -109,6 +109,12 @@ def _gru_from_torch(sd) -> dict:
             "torch GRU state_dict is missing "
             f"{sorted(f'{n}_l{layer}{sfx[d]}' for layer, d, n in missing)}"
         )
+    for (layer, d, n), value in parsed.items():
+        if d == 1 and value.shape != parsed[(layer, 0, n)].shape:
+            raise ValueError(
+                f"torch GRU state_dict has inconsistent shapes: {n}_l{layer}_reverse is "
+                f"{value.shape} but {n}_l{layer} is {parsed[(layer, 0, n)].shape}"
+            )
     params = {}
     for layer in range(num_layers):
         params[f"layer_{layer}"] = {

@@ -293,11 +293,6 @@ def test_torch_state_dict_wrong_shape_both_directions(torch_state_dict):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="interop gap: directions of different shapes reach np.stack, whose message "
-    "('all input arrays must have the same shape') names neither the key nor the shapes",
-)
 def test_torch_state_dict_wrong_shape_one_direction(torch_state_dict):
     sd = dict(torch_state_dict, weight_hh_l0=np.zeros((3 * H, H + 1), np.float32))
     expect_error(ValueError, lambda: from_torch(sd), "weight_hh_l0", f"{(3 * H, H + 1)}")
