@@ -1,4 +1,4 @@
-"""Bad input: every row of the table in docs/reliability.md.
+"""Bad input: every row of the table in README.md.
 
 Each error test asserts the exception type and that the message names the argument, the
 expected value and the actual one (``expect_error``). Behaviours that are not errors (NaN

@@ -21,7 +21,7 @@ import numpy as np
 
 TESTS = pathlib.Path(__file__).resolve().parent
 SCRIPT = TESTS / "_sharded_step.py"
-DOC = TESTS.parent / "docs" / "reliability.md"
+DOC = TESTS.parent / "README.md"
 BEGIN, END = "# --- recipe: begin ---\n", "# --- recipe: end ---\n"
 
 
@@ -55,5 +55,5 @@ def test_data_parallel_step_equals_single_device():
 
 
 def test_readme_recipe_is_the_tested_code():
-    """docs/reliability.md quotes the recipe of tests/_sharded_step.py verbatim."""
+    """README.md quotes the recipe of tests/_sharded_step.py verbatim."""
     assert recipe() in DOC.read_text()
