@@ -311,22 +311,33 @@ def _sources(xs, lengths, num_dirs: int):
     return [xs if k == 0 else _masking.reverse_valid(xs, lengths) for k in range(num_dirs)]
 
 
-def _project(xs, w_ih, bias_x, lengths, static: _Static, acc_dtype):
-    """``xg[k][g]``: ``(T, B, H)`` input projection of direction ``k``, gate ``g`` (+ bias)."""
-    num_dirs, _, g3 = w_ih.shape
-    hidden = g3 // 3
+def _project_one(src, w_ih_k, compute_dtype, acc_dtype):
+    """``[x_r, x_z, x_n]``: ``(T, B, H)`` input projections of one direction, without bias.
+
+    The bias is added where the projections are read (inside the loop's elementwise fusion),
+    which saves a pass over these arrays.
+    """
+    hidden = w_ih_k.shape[-1] // 3
+    return [
+        _mm(src, w_ih_k[:, g * hidden : (g + 1) * hidden], compute_dtype, acc_dtype)
+        for g in range(3)
+    ]
+
+
+def _gate_biases(bias_x, b_hn, num_dirs: int, hidden: int, acc_dtype):
+    """Per direction ``(b_r, b_z, b_n, b_hn)`` as ``(H,)`` arrays in ``acc_dtype``, or ``None``."""
     out = []
-    for k, src in enumerate(_sources(xs, lengths, num_dirs)):
-        per_gate = []
-        for g in range(3):
-            w = w_ih[k, :, g * hidden : (g + 1) * hidden]
-            xp = _mm(src, w, static.compute_dtype, acc_dtype)
-            if bias_x is not None:
-                b = bias_x[k, g * hidden : (g + 1) * hidden].astype(acc_dtype)
-                xp = xp + b.reshape(1, 1, hidden)
-            per_gate.append(xp)
-        out.append(per_gate)
+    for k in range(num_dirs):
+        bx = [None] * 3
+        if bias_x is not None:
+            bx = [bias_x[k, g * hidden : (g + 1) * hidden].astype(acc_dtype) for g in range(3)]
+        out.append((*bx, None if b_hn is None else b_hn[k].astype(acc_dtype)))
     return out
+
+
+def _plus(a, b):
+    """``a + b`` for ``b`` an ``(H,)`` bias (or ``None``), broadcast explicitly."""
+    return a if b is None else a + b.reshape((1,) * (a.ndim - 1) + b.shape)
 
 
 def _hidden_kernels(w_hh):
@@ -335,7 +346,17 @@ def _hidden_kernels(w_hh):
     return [[w_hh[k, :, g * hidden : (g + 1) * hidden] for g in range(3)] for k in range(num_dirs)]
 
 
-def _forward_scan(xg, w, b_hn, h0, mask, static: _Static, acc_dtype):
+def _gates(x_r, x_z, x_n, hp, h, biases):
+    """``r, z, n, hn`` and the new state of the reset-after cell (``hp``: ``h @ W_g``)."""
+    b_r, b_z, b_n, b_hn = biases
+    r = jax.nn.sigmoid(_plus(x_r + hp[0], b_r))
+    z = jax.nn.sigmoid(_plus(x_z + hp[1], b_z))
+    hn = _plus(hp[2], b_hn)
+    n = jnp.tanh(_plus(x_n, b_n) + r * hn)
+    return r, z, n, hn, n + z * (h - n)
+
+
+def _forward_scan(xg, w, biases, h0, mask, static: _Static):
     """The time loop: ``hs[k]`` ``(T, B, H)``, the state after every step, per direction."""
     num_dirs = len(xg)
     cd = static.compute_dtype
@@ -345,12 +366,8 @@ def _forward_scan(xg, w, b_hn, h0, mask, static: _Static, acc_dtype):
         new = []
         for k in range(num_dirs):
             h = hs[k]
-            hp = [_mm(h, w[k][g], cd, acc_dtype) for g in range(3)]
-            r = jax.nn.sigmoid(x_t[k][0] + hp[0])
-            z = jax.nn.sigmoid(x_t[k][1] + hp[1])
-            hn = hp[2] if b_hn is None else hp[2] + b_hn[k][None, :]
-            n = jnp.tanh(x_t[k][2] + r * hn)
-            h_new = n + z * (h - n)
+            hp = [_mm(h, w[k][g], cd, h.dtype) for g in range(3)]
+            h_new = _gates(*x_t[k], hp, h, biases[k])[-1]
             if m_t is not None:
                 # Past a sequence's end its state is frozen, as with torch's PackedSequence.
                 h_new = jnp.where(m_t, h_new, h)
@@ -358,20 +375,72 @@ def _forward_scan(xg, w, b_hn, h0, mask, static: _Static, acc_dtype):
         new = tuple(new)
         return new, new
 
-    _, hs = jax.lax.scan(step, tuple(h0), (xg, mask), unroll=static.unroll)
-    return hs
+    return jax.lax.scan(step, tuple(h0), (xg, mask), unroll=static.unroll)
 
 
-def _prepare(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, lengths, acc_dtype):
-    xg = _project(xs, w_ih, bias_x, lengths, static, acc_dtype)
-    w = [[wg.astype(static.compute_dtype) for wg in wk] for wk in _hidden_kernels(w_hh)]
-    bn = None if b_hn is None else [b_hn[k].astype(acc_dtype) for k in range(w_hh.shape[0])]
-    return xg, w, bn
+class _Chunks:
+    """Time chunks of a layer for ``remat``: which steps each chunk covers and reads.
+
+    ``times`` is ``int32[C, Tc]`` (``C * Tc >= T``; steps ``>= T`` are padding, masked off).
+    """
+
+    def __init__(self, steps: int, batch: int, chunk: int, lengths):
+        self.steps, self.batch, self.chunk, self.lengths = steps, batch, chunk, lengths
+        self.num = -(-steps // chunk)
+        self.times = jnp.arange(self.num * chunk, dtype=jnp.int32).reshape(self.num, chunk)
+
+    def gather(self, a, t):
+        """``a`` ``(T, B, ...)`` at steps ``t`` ``(Tc,)``, or per-row steps ``t`` ``(Tc, B)``."""
+        if t.ndim == 1:
+            return jnp.take(a, t, axis=0)
+        return jnp.take_along_axis(a, t.reshape(t.shape + (1,) * (a.ndim - 2)), axis=0)
+
+    def src_steps(self, t, k: int):
+        """Where each scan step of direction ``k`` reads the layer input (clipped to T-1)."""
+        t = jnp.minimum(t, self.steps - 1)
+        if k == 0:
+            return t
+        if self.lengths is None:
+            return self.steps - 1 - t
+        tb = jnp.broadcast_to(t[:, None], (self.chunk, self.batch))
+        n = self.lengths[None, :]
+        return jnp.where(tb < n, n - 1 - tb, tb)
+
+    def mask(self, t, mask):
+        """``bool[Tc, B or 1, 1]``: the validity mask of the chunk (padding steps False)."""
+        valid = (t < self.steps).reshape(self.chunk, 1, 1)
+        if mask is None:
+            return None if self.num * self.chunk == self.steps else valid
+        return valid & self.gather(mask, jnp.minimum(t, self.steps - 1))
+
+    def unchunk(self, a):
+        """``(C, Tc, ...)`` -> ``(T, ...)``."""
+        a = a.reshape((self.num * self.chunk, *a.shape[2:]))
+        return a if self.num * self.chunk == self.steps else a[: self.steps]
+
+
+def _remat_chunk(steps: int, batch: int) -> int:
+    """Time steps per chunk when ``remat=True``.
+
+    Bounds the temporaries of a chunk (about a dozen ``(Tc, B, H)`` arrays per direction) to a
+    fraction of the saved states, while each chunk's matmuls keep ~2048 rows or more. A
+    divisor of ``T`` near that size is preferred (no padding).
+    """
+    target = max(steps // 16, -(-2048 // batch), 16)
+    if target >= steps:
+        return steps
+    for c in range(target, min(2 * target, steps) + 1):
+        if steps % c == 0:
+            return c
+    return target
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths):
     """One reset-after layer, every direction: ``hs[k]`` ``(T, B, H)`` in scan order.
+
+    With ``remat``, long sequences are projected and scanned chunk by chunk, so the input
+    projections never exist for all steps at once.
 
     Args:
       static: unroll, remat, compute dtype.
@@ -382,29 +451,49 @@ def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths):
       mask: ``bool[T, B, 1]`` or ``None``; lengths: ``int32[B]`` or ``None``.
     """
     acc_dtype = h0.dtype
-    xg, w, bn = _prepare(static, xs, w_ih, bias_x, w_hh, b_hn, lengths, acc_dtype)
-    return _forward_scan(xg, w, bn, [h0[k] for k in range(h0.shape[0])], mask, static, acc_dtype)
+    cd = static.compute_dtype
+    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+    steps, batch = xs.shape[0], xs.shape[1]
+    w = [[wg.astype(cd) for wg in wk] for wk in _hidden_kernels(w_hh)]
+    biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
+    h_init = tuple(h0[k] for k in range(num_dirs))
+    chunk = _remat_chunk(steps, batch) if static.remat else steps
+    if chunk >= steps:
+        xg = [_project_one(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(
+            _sources(xs, lengths, num_dirs))]  # fmt: skip
+        return _forward_scan(xg, w, biases, h_init, mask, static)[1]
+
+    chunks = _Chunks(steps, batch, chunk, lengths)
+
+    def outer(h, t):
+        xg = [
+            _project_one(chunks.gather(xs, chunks.src_steps(t, k)), w_ih[k], cd, acc_dtype)
+            for k in range(num_dirs)
+        ]
+        return _forward_scan(xg, w, biases, h, chunks.mask(t, mask), static)
+
+    _, hs = jax.lax.scan(outer, h_init, chunks.times)
+    return tuple(chunks.unchunk(h) for h in hs)
 
 
-def _coefficients(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, hs, mask, lengths):
-    """Per direction: the tangent coefficients ``(c_r, c_z, c_n, c_f, c_h)`` and ``h_{t-1}``.
+def _coefficients(static: _Static, srcs, hprevs, mask, w_ih, w_hh, biases):
+    """Per direction, the tangent coefficients ``(c_r, c_z, c_n, c_f, c_h)``, ``(T', B, H)``.
 
-    With ``P = (1 - z)(1 - n^2)``: ``c_r = P r (1 - r) hn``, ``c_z = z (1 - z)(h_{t-1} - n)``,
-    ``c_n = P r``, ``c_f = P``, ``c_h = z``; at padded steps ``0`` (``c_h = 1``), so the tangent
-    state is carried unchanged there. Gates are recomputed from the saved states, vectorized
+    ``srcs[k]``/``hprevs[k]``: the input and the previous state ``h_{t-1}`` at each step of a
+    stretch of ``T'`` steps, in scan order. With ``P = (1 - z)(1 - n^2)``:
+    ``c_r = P r (1 - r) hn``, ``c_z = z (1 - z)(h_{t-1} - n)``, ``c_n = P r``, ``c_f = P``,
+    ``c_h = z``; where ``mask`` is False they are 0 (``c_h = 1``), so the tangent state is
+    carried unchanged over padding. Gates are recomputed from the saved states, vectorized
     over time (one big matmul per gate), not inside the loop.
     """
-    acc_dtype = h0.dtype
     cd = static.compute_dtype
-    xg, w, bn = _prepare(static, xs, w_ih, bias_x, w_hh, b_hn, lengths, acc_dtype)
+    w = _hidden_kernels(w_hh)
     out = []
-    for k in range(len(xg)):
-        hprev = jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0)
+    for k, (src, hprev) in enumerate(zip(srcs, hprevs, strict=True)):
+        acc_dtype = hprev.dtype
+        xg = _project_one(src, w_ih[k], cd, acc_dtype)
         hp = [_mm(hprev, w[k][g], cd, acc_dtype) for g in range(3)]
-        r = jax.nn.sigmoid(xg[k][0] + hp[0])
-        z = jax.nn.sigmoid(xg[k][1] + hp[1])
-        hn = hp[2] if bn is None else hp[2] + bn[k][None, None, :]
-        n = jnp.tanh(xg[k][2] + r * hn)
+        r, z, n, hn, _ = _gates(*xg, hp, hprev, biases[k])
         one = jnp.ones((), acc_dtype)
         p = (one - z) * (one - n * n)
         c_n = p * r
@@ -414,7 +503,7 @@ def _coefficients(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, hs, mask, l
             coef = [jnp.where(mask, c, zero) for c in coef] + [jnp.where(mask, z, one)]
         else:
             coef = [*coef, z]
-        out.append((tuple(coef), hprev))
+        out.append(tuple(coef))
     return out
 
 
@@ -422,61 +511,67 @@ def _is_zero(t) -> bool:
     return t is None or isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
-@_layer_ra.defjvp
-def _layer_ra_jvp(static: _Static, primals, tangents):
-    xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths = primals
-    dxs, dw_ih, dbias_x, dw_hh, db_hn, dh0, _, _ = tangents
-    acc_dtype = h0.dtype
+def _sum(terms):
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _tangent_sources(static: _Static, coefs, srcs, dsrcs, hprevs, w_ih, tangents):
+    """Per direction, ``s_t``: every tangent of ``h_t`` that does not go through ``dh_{t-1}``.
+
+    ``tangents = (dw_ih, dbias_x, dw_hh, db_hn)`` (any may be a symbolic zero); ``dsrcs`` is
+    ``None`` when the input has no tangent. Returns ``None`` for a direction without any.
+    """
+    dw_ih, dbias_x, dw_hh, db_hn = tangents
     cd = static.compute_dtype
-    num_dirs, hidden, _ = w_hh.shape
-    hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths)
-
-    coef_fn = functools.partial(_coefficients, static)
-    if static.remat:
-        # Save only the inputs and the states; recompute the gates in the backward pass.
-        coef_fn = jax.checkpoint(coef_fn, prevent_cse=False)
-    per_dir = coef_fn(xs, w_ih, bias_x, w_hh, b_hn, h0, hs, mask, lengths)
-
-    # Tangents that do not depend on the tangent state: input, kernels, biases.
-    srcs = _sources(xs, lengths, num_dirs)
-    dsrcs = None if _is_zero(dxs) else _sources(dxs, lengths, num_dirs)
-    sources = []
-    for k in range(num_dirs):
-        (c_r, c_z, c_n, c_f, _), hprev = per_dir[k]
-        e = []  # e[g]: tangent of gate g's pre-activation sum that excludes dh_{t-1} @ W_g
+    out = []
+    for k, ((c_r, c_z, c_n, c_f, _), src, hprev) in enumerate(
+        zip(coefs, srcs, hprevs, strict=True)
+    ):
+        acc_dtype = hprev.dtype
+        hidden = hprev.shape[-1]
+        parts = []
         for g in range(3):
             sl = slice(g * hidden, (g + 1) * hidden)
-            terms = []
-            if dsrcs is not None:
-                terms.append(_mm(dsrcs[k], w_ih[k, :, sl], cd, acc_dtype))
-            if not _is_zero(dw_ih):
-                terms.append(_mm(srcs[k], dw_ih[k, :, sl], cd, acc_dtype))
+            x_part = _sum(
+                [
+                    None if dsrcs is None else _mm(dsrcs[k], w_ih[k, :, sl], cd, acc_dtype),
+                    None if _is_zero(dw_ih) else _mm(src, dw_ih[k, :, sl], cd, acc_dtype),
+                ]
+            )
             if not _is_zero(dbias_x):
-                terms.append(dbias_x[k, sl].astype(acc_dtype).reshape(1, 1, hidden))
-            x_part = sum(terms[1:], terms[0]) if terms else None
-            h_terms = []
-            if not _is_zero(dw_hh):
-                h_terms.append(_mm(hprev, dw_hh[k, :, sl], cd, acc_dtype))
+                x_part = _plus(x_part, dbias_x[k, sl].astype(acc_dtype))
+            h_part = None if _is_zero(dw_hh) else _mm(hprev, dw_hh[k, :, sl], cd, acc_dtype)
             if g == 2 and not _is_zero(db_hn):
-                h_terms.append(db_hn[k].astype(acc_dtype).reshape(1, 1, hidden))
-            h_part = sum(h_terms[1:], h_terms[0]) if h_terms else None
-            e.append((x_part, h_part))
-        s = []
-        (xr, hr), (xz, hz), (xn, hn_) = e
-        for coef, part in ((c_r, xr), (c_r, hr), (c_z, xz), (c_z, hz), (c_n, hn_), (c_f, xn)):
-            if part is not None:
-                s.append(coef * part)
-        sources.append(sum(s[1:], s[0]) if s else jnp.zeros_like(hs[k]))
+                h_part = _plus(h_part, db_hn[k].astype(acc_dtype))
+            parts.append((x_part, h_part))
+        (xr, hr), (xz, hz), (xn, hn) = parts
+        out.append(
+            _sum(
+                [
+                    None if xr is None else c_r * xr,
+                    None if hr is None else c_r * hr,
+                    None if xz is None else c_z * xz,
+                    None if hz is None else c_z * hz,
+                    None if hn is None else c_n * hn,
+                    None if xn is None else c_f * xn,
+                ]
+            )
+        )
+    return out
 
-    dh_init = (
-        [jnp.zeros_like(h0[k]) for k in range(num_dirs)]
-        if _is_zero(dh0)
-        else [dh0[k].astype(acc_dtype) for k in range(num_dirs)]
-    )
+
+def _tangent_loop(static: _Static, w_hh, dh_init, sources, coefs):
+    """``dh_t = s_t + c_r (dh_{t-1} @ W_r) + c_z (dh_{t-1} @ W_z) + c_n (dh_{t-1} @ W_n)
+    + c_h dh_{t-1}``: returns the last ``dh`` and every ``dh_t`` per direction."""
+    cd = static.compute_dtype
+    num_dirs = len(dh_init)
     # Transposed kernels: the reverse-mode transpose of ``dh @ wT.T`` is ``ct @ wT``, a plain
     # matmul, so the backward loop needs no per-step transposition.
     w_t = [[wg.astype(cd).T for wg in wk] for wk in _hidden_kernels(w_hh)]
-    coefs = [per_dir[k][0] for k in range(num_dirs)]
+    sources = [
+        jnp.zeros_like(c[0]) if s is None else s for s, c in zip(sources, coefs, strict=True)
+    ]
 
     def step(dhs, inputs):
         s_t, c_t = inputs
@@ -484,13 +579,67 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         for k in range(num_dirs):
             dh = dhs[k]
             c_r, c_z, c_n, _, c_h = c_t[k]
-            hp = [_mm(dh, w_t[k][g], cd, acc_dtype, "...i,oi->...o") for g in range(3)]
+            hp = [_mm(dh, w_t[k][g], cd, dh.dtype, "...i,oi->...o") for g in range(3)]
             new.append(s_t[k] + c_r * hp[0] + c_z * hp[1] + c_n * hp[2] + c_h * dh)
         new = tuple(new)
         return new, new
 
-    _, dhs = jax.lax.scan(step, tuple(dh_init), (sources, coefs), unroll=static.unroll)
-    return hs, dhs
+    return jax.lax.scan(step, tuple(dh_init), (sources, coefs), unroll=static.unroll)
+
+
+@_layer_ra.defjvp
+def _layer_ra_jvp(static: _Static, primals, tangents):
+    xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths = primals
+    dxs, dw_ih, dbias_x, dw_hh, db_hn, dh0, _, _ = tangents
+    acc_dtype = h0.dtype
+    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+    steps, batch = xs.shape[0], xs.shape[1]
+    hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths)
+    dh_init = tuple(
+        jnp.zeros_like(h0[k]) if _is_zero(dh0) else dh0[k].astype(acc_dtype)
+        for k in range(num_dirs)
+    )
+    weight_tangents = (dw_ih, dbias_x, dw_hh, db_hn)
+    chunk = _remat_chunk(steps, batch) if static.remat else steps
+    # In remat mode the whole tangent computation is checkpointed, so that reverse mode saves
+    # only the primal inputs and the states and recomputes the gates in the backward pass.
+    maybe_remat = functools.partial(jax.checkpoint, prevent_cse=False) if static.remat else None
+
+    def tangent(dh, srcs, dsrcs, hprevs, m):
+        biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
+        coefs = _coefficients(static, srcs, hprevs, m, w_ih, w_hh, biases)
+        sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
+        return _tangent_loop(static, w_hh, dh, sources, coefs)
+
+    if chunk >= steps:
+
+        def whole(dh):
+            srcs = _sources(xs, lengths, num_dirs)
+            dsrcs = None if _is_zero(dxs) else _sources(dxs, lengths, num_dirs)
+            hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
+            return tangent(dh, srcs, dsrcs, hprevs, mask)[1]
+
+        return hs, (maybe_remat(whole) if maybe_remat else whole)(dh_init)
+
+    # remat over long sequences: the tangent (and so the backward) pass runs chunk by chunk,
+    # each chunk recomputing its gates from the saved states, so that the backward pass holds
+    # the states plus one chunk's worth of temporaries.
+    chunks = _Chunks(steps, batch, chunk, lengths)
+
+    def chunk_step(dh, t):
+        srcs = [chunks.gather(xs, chunks.src_steps(t, k)) for k in range(num_dirs)]
+        dsrcs = None
+        if not _is_zero(dxs):
+            dsrcs = [chunks.gather(dxs, chunks.src_steps(t, k)) for k in range(num_dirs)]
+        prev = jnp.clip(t - 1, 0, steps - 1)
+        first = (t == 0).reshape(chunk, 1, 1)
+        hprevs = [
+            jnp.where(first, h0[k][None], chunks.gather(hs[k], prev)) for k in range(num_dirs)
+        ]
+        return tangent(dh, srcs, dsrcs, hprevs, chunks.mask(t, mask))
+
+    _, dhs = jax.lax.scan(maybe_remat(chunk_step), dh_init, chunks.times)
+    return hs, tuple(chunks.unchunk(d) for d in dhs)
 
 
 def _layer(lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dtype, acc_dtype):
