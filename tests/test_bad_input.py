@@ -331,11 +331,6 @@ def test_gru_step_wrong_sizes():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core gap: h and x batch dims that do not broadcast fail inside jnp ('add got "
-    "incompatible shapes') instead of a ValueError naming h and x",
-)
 def test_gru_step_batch_mismatch():
     expect_error(
         ValueError,
@@ -351,11 +346,6 @@ def test_gru_step_batch_mismatch():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core gap: a non-floating dtype= is not rejected up front (it fails inside dtype "
-    "promotion, or computes in integers under standard promotion)",
-)
 def test_dtype_not_floating():
     expect_error(TypeError, lambda: gru(dtype=jnp.int32), "dtype", "int32")
 
@@ -399,12 +389,6 @@ def test_empty_batch():
     assert out.shape == (0, T, H) and h_n.shape == (1, 0, H)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug (since the reset-after custom-JVP layer, 1bcf73a): T = 0 raises IndexError "
-    "from h_n = stack([h[-1] for h in hs]) on an empty scan; the previous core returned "
-    "h_n = h0. Fix: take h_n from h0 when T == 0 (or from the scan carry)",
-)
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_zero_time_steps(batch_first):
     """T = 0 (torch raises): empty output ``(B, 0, K*H)``, and h_n == h0 (zeros if None).

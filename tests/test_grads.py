@@ -9,7 +9,6 @@ magnitude of headroom while any wrong gradient term (typically O(0.1)) fails.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -23,17 +22,6 @@ import gru_jax
 
 TOL = 1e-6
 EPS = 1e-6
-
-
-@contextlib.contextmanager
-def float64():
-    """Scoped float64 (never a global switch: tests share processes under xdist).
-
-    ``numpy_dtype_promotion("standard")`` works around the core bug pinned by
-    ``test_float64_under_strict_promotion`` in tests/test_transforms.py; drop it once fixed.
-    """
-    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
-        yield
 
 
 def make(seed, *, batch, steps, in_features, hidden, num_layers, bidirectional, bias, dtype):
@@ -89,7 +77,7 @@ def test_check_grads_float64(config, lengths, kwargs, order):
 
     Dropout (when configured) uses a fixed key, so its mask is a constant of the function.
     """
-    with float64():
+    with jax.enable_x64(True):
         params, x, h0 = make(
             0, batch=2, steps=3, in_features=2, hidden=3, dtype=np.float64, **config
         )
@@ -116,7 +104,7 @@ def test_check_grads_float64(config, lengths, kwargs, order):
 def test_check_grads_gru_step_order2(reset_after):
     """The single cell up to second order (the reset-before cell: order 1 in the stack test,
     order 2 with --runslow)."""
-    with float64():
+    with jax.enable_x64(True):
         params, x, h0 = make(
             1,
             batch=2,
@@ -137,7 +125,7 @@ def test_check_grads_gru_step_order2(reset_after):
 
 def test_check_grads_detects_a_wrong_gradient():
     """Sanity check of the tolerance: a cell gradient off by 1% is caught."""
-    with float64():
+    with jax.enable_x64(True):
         params, x, h0 = make(
             2,
             batch=2,

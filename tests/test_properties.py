@@ -27,7 +27,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -129,17 +128,6 @@ def run_gru(cfg, params, x, h0, lengths):
     )
 
 
-@contextlib.contextmanager
-def float64():
-    """Scoped float64 (never a global switch: tests share processes under xdist).
-
-    ``numpy_dtype_promotion("standard")`` works around the core bug pinned by
-    ``test_float64_under_strict_promotion`` in tests/test_transforms.py; drop it once fixed.
-    """
-    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
-        yield
-
-
 def batch_major(cfg, a):
     return a if cfg["batch_first"] else np.swapaxes(a, 0, 1)
 
@@ -228,7 +216,7 @@ def test_matches_reference_float32(cfg):
 @_settings(8)
 @given(cfg=configs())
 def test_matches_reference_float64(cfg):
-    with float64():
+    with jax.enable_x64(True):
         params, x, h0, lengths = make_inputs(cfg, np.float64)
         out, h_n = run_gru(cfg, params, x, h0, lengths)
         assert out.dtype == jnp.float64 and h_n.dtype == jnp.float64
@@ -364,11 +352,6 @@ def test_padding_never_changes_gradients(cfg, fill):
     np.testing.assert_array_equal(batch_major(cfg, np.asarray(gx_d))[pad], 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: NaN/inf padding leaks NaN into gradients (0 * NaN in the backward of "
-    "the masked step and of x @ w_ih); fix: zero x at padded steps before the projection",
-)
 @pytest.mark.parametrize("fill", NON_FINITE)
 def test_nonfinite_padding_gradients(fill):
     cfg = {

@@ -8,7 +8,6 @@ XLA may fuse or block the matmuls differently, which moves the last bits of floa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import subprocess
@@ -18,25 +17,12 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from _reference import random_params
 
 import gru_jax
 
 CLOSE = dict(rtol=1e-6, atol=1e-6)
 gru = jax.jit(gru_jax.gru)  # compiled once per shape; eager mode compiles every primitive
-
-
-@contextlib.contextmanager
-def standard_promotion():
-    """Works around the core bug pinned by ``test_*_under_strict_promotion`` below.
-
-    The suite runs with ``jax_numpy_dtype_promotion="strict"``, under which the core's
-    ``jnp.promote_types(compute_dtype, float32)`` raises for bfloat16 and float64. Remove this
-    wrapper once the core is fixed.
-    """
-    with jax.numpy_dtype_promotion("standard"):
-        yield
 
 
 def setup(seed=0, *, batch=3, steps=6, in_features=4, hidden=5, num_layers=2, bidirectional=True):
@@ -204,10 +190,9 @@ def test_bf16_compute_close_to_float32_over_1024_steps():
     Also checked: the last 256 steps are no worse than 2x the first 256 (no accumulation).
     """
     params, x, _ = setup(batch=4, steps=1024, in_features=8, hidden=32, num_layers=1)
-    with standard_promotion():
-        f = jax.jit(lambda p, x, dt: gru_jax.gru(p, x, dtype=dt), static_argnums=2)
-        out32, h32 = f(params, x, None)
-        out16, h16 = f(params, x, jnp.bfloat16)
+    f = jax.jit(lambda p, x, dt: gru_jax.gru(p, x, dtype=dt), static_argnums=2)
+    out32, h32 = f(params, x, None)
+    out16, h16 = f(params, x, jnp.bfloat16)
     assert out16.dtype == jnp.float32 and h16.dtype == jnp.float32  # returned in x's dtype
     for o in (out16, h16):
         assert np.all(np.isfinite(np.asarray(o, np.float32)))
@@ -218,22 +203,12 @@ def test_bf16_compute_close_to_float32_over_1024_steps():
     assert np.any(out16 != out32)  # bf16 was actually used
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: jnp.promote_types(bfloat16, float32) raises TypePromotionError under "
-    "jax_numpy_dtype_promotion='strict' (the carry dtype is computed by implicit promotion)",
-)
 def test_bf16_under_strict_promotion():
     params, x, _ = setup(num_layers=1, bidirectional=False)
     out, _ = gru_jax.gru(params, x, dtype=jnp.bfloat16)
     assert out.dtype == jnp.float32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: jnp.promote_types(float64, float32) raises TypePromotionError under "
-    "jax_numpy_dtype_promotion='strict', so float64 inputs cannot run",
-)
 def test_float64_under_strict_promotion():
     with jax.enable_x64(True):
         w = {"w_ih": jnp.ones((1, 2, 3), jnp.float64), "w_hh": jnp.ones((1, 1, 3), jnp.float64)}
