@@ -318,6 +318,7 @@ def machine() -> dict[str, object]:
         info["memory_gib"] = round(kb / 2**20, 1)
     except (OSError, StopIteration, ValueError):
         pass
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # as the Keras peer does
     for mod in ("flax", "torch", "keras"):
         try:
             info[mod] = __import__(mod).__version__
