@@ -18,6 +18,12 @@ import jax.numpy as jnp
 Initializer = Callable[..., jax.Array]
 
 
+def check_size(name: str, value) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is an ``int >= 1`` (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
 def torch_uniform(hidden_size: int) -> Initializer:
     """``U(-1/sqrt(H), 1/sqrt(H))``, torch's initializer for every GRU parameter."""
     bound = 1.0 / float(hidden_size) ** 0.5
@@ -82,8 +88,7 @@ def init_gru(
         ("hidden_size", hidden_size),
         ("num_layers", num_layers),
     ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        check_size(name, value)
     num_dirs = 2 if bidirectional else 1
     params = {}
     keys = jax.random.split(key, num_layers * num_dirs)

@@ -16,11 +16,6 @@ from gru_jax import _core, initializers
 Initializer = initializers.Initializer
 
 
-def _check_size(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
 class GRU(nn.Module):
     r"""Multi-layer, optionally bidirectional GRU with ``torch.nn.GRU`` semantics.
 
@@ -78,8 +73,8 @@ class GRU(nn.Module):
         Returns:
           ``(output, h_n)``: ``(B, T, K*H)`` (or time-major/unbatched) and ``(L*K, B, H)``.
         """
-        _check_size("hidden_size", self.hidden_size)
-        _check_size("num_layers", self.num_layers)
+        initializers.check_size("hidden_size", self.hidden_size)
+        initializers.check_size("num_layers", self.num_layers)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
         x = jnp.asarray(x)
@@ -162,7 +157,7 @@ class GRUCell(nn.RNNCellBase):
         Returns:
           ``(h', h')``, each ``(*batch, H)`` in the dtype of ``carry``.
         """
-        _check_size("hidden_size", self.hidden_size)
+        initializers.check_size("hidden_size", self.hidden_size)
         inputs = jnp.asarray(inputs)
         if inputs.ndim < 1:
             raise ValueError(f"inputs must have shape (..., D); got {inputs.shape}")

@@ -32,11 +32,6 @@ from gru_jax import _core, initializers, interop
 Initializer = initializers.Initializer
 
 
-def _check_size(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
 class _ParamsTree:
     """Reading and checked loading of a module's params tree (shared by GRU and GRUCell)."""
 
@@ -125,9 +120,9 @@ class GRU(nnx.Module, _ParamsTree):
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
-        _check_size("in_features", in_features)
-        _check_size("hidden_size", hidden_size)
-        _check_size("num_layers", num_layers)
+        initializers.check_size("in_features", in_features)
+        initializers.check_size("hidden_size", hidden_size)
+        initializers.check_size("num_layers", num_layers)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         self.in_features = in_features
@@ -311,8 +306,8 @@ class GRUCell(nnx.Module, _ParamsTree):
         *,
         rngs: nnx.Rngs,
     ):
-        _check_size("in_features", in_features)
-        _check_size("hidden_size", hidden_size)
+        initializers.check_size("in_features", in_features)
+        initializers.check_size("hidden_size", hidden_size)
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.bias = bias
