@@ -382,6 +382,23 @@ def _gates(x_r, x_z, x_n, hp, h, biases):
     return r, z, n, hn, n + z * (h - n)
 
 
+def _hidden_matmuls(hs, w, compute_dtype, transposed: bool = False):
+    """``[hs[k] @ w[k]]`` for the ``K`` directions (``w``: ``(K, H, 3H)``; ``transposed``:
+    ``(K, 3H, H)``, used as ``hs[k] @ w[k].T``).
+
+    The forward loop runs two directions as one batched matmul over ``K``; the tangent loop
+    (whose transpose is the backward loop) as separate matmuls. Measured on CPU, median ms,
+    separate vs batched: forward B32 T128 2 layers 219 vs 181, B64 327 vs 310, B8 16 vs 11;
+    forward+backward with a batched tangent loop 548 vs 561, 1025 vs 1094, 32 vs 36.
+    """
+    acc_dtype = hs[0].dtype
+    spec = "bi,oi->bo" if transposed else "bi,io->bo"
+    if len(hs) == 1 or transposed:
+        return [_mm(h, w[k], compute_dtype, acc_dtype, spec) for k, h in enumerate(hs)]
+    out = _mm(jnp.stack(hs), w, compute_dtype, acc_dtype, "kbi,kio->kbo")
+    return [out[k] for k in range(len(hs))]
+
+
 def _forward_scan(xg, w, biases, h0, mask, static: _Static, with_gates: bool = False):
     """The time loop: ``hs[k]`` ``(T, B, H)``, the state after every step, per direction.
 
@@ -399,11 +416,11 @@ def _forward_scan(xg, w, biases, h0, mask, static: _Static, with_gates: bool = F
     def step(hs, inputs):
         x_t, m_t = inputs
         new, saved = [], []
+        hps = _hidden_matmuls(hs, w, cd)
         for k in range(num_dirs):
             h = hs[k]
             hidden = h.shape[-1]
-            hp = _mm(h, w[k], cd, h.dtype)
-            hp = [hp[..., g * hidden : (g + 1) * hidden] for g in range(3)]
+            hp = [hps[k][..., g * hidden : (g + 1) * hidden] for g in range(3)]
             *gates, h_new = _gates(*x_t[k], hp, h, biases[k])
             if m_t is not None:
                 # Past a sequence's end its state is frozen, as with torch's PackedSequence.
@@ -458,7 +475,7 @@ class _Chunks:
 
 
 def _remat_chunk(steps: int, batch: int) -> int:
-    """Time steps per chunk when ``remat=True``.
+    """Time steps per chunk of the forward pass and, with ``remat=True``, of the backward.
 
     Bounds the temporaries of a chunk (about a dozen ``(Tc, B, H)`` arrays per direction) to a
     fraction of the saved states, while each chunk's matmuls keep ~2048 rows or more. A
@@ -477,8 +494,8 @@ def _remat_chunk(steps: int, batch: int) -> int:
 def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths):
     """One reset-after layer, every direction: ``hs[k]`` ``(T, B, H)`` in scan order.
 
-    With ``remat``, long sequences are projected and scanned chunk by chunk, so the input
-    projections never exist for all steps at once.
+    Long sequences are projected and scanned chunk by chunk (see :func:`_remat_chunk`), so
+    the input projections never exist for all steps at once.
 
     Args:
       static: unroll, remat, compute dtype.
@@ -497,10 +514,13 @@ def _primal(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths, wi
     cd = static.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
     steps, batch = xs.shape[0], xs.shape[1]
-    w = [w_hh[k].astype(cd) for k in range(num_dirs)]
+    w = w_hh.astype(cd)
     biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
     h_init = tuple(h0[k] for k in range(num_dirs))
-    chunk = _remat_chunk(steps, batch) if static.remat else steps
+    # Without gates to hand out, project and scan chunk by chunk: the projections then exist
+    # for one chunk at a time, a smaller working set (fresh memory is costly: page faults),
+    # measured 94 -> 86 ms (B64 T128) and 209 -> 198 ms (2-layer bidir) in forward.
+    chunk = steps if with_gates else _remat_chunk(steps, batch)
     if chunk >= steps:
         xg = [_project_one(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(
             _sources(xs, lengths, num_dirs))]  # fmt: skip
@@ -621,7 +641,7 @@ def _tangent_loop(static: _Static, w_hh, dh_init, sources, coefs):
     """
     cd = static.compute_dtype
     num_dirs = len(dh_init)
-    w_t = [w_hh[k].astype(cd).T for k in range(num_dirs)]
+    w_t = jnp.swapaxes(w_hh, 1, 2).astype(cd)
     sources = [
         jnp.zeros_like(c[1]) if s is None else s for s, c in zip(sources, coefs, strict=True)
     ]
@@ -629,11 +649,11 @@ def _tangent_loop(static: _Static, w_hh, dh_init, sources, coefs):
     def step(dhs, inputs):
         s_t, c_t = inputs
         new = []
+        hps = _hidden_matmuls(dhs, w_t, cd, transposed=True)
         for k in range(num_dirs):
             dh = dhs[k]
             c_g, _, c_h = c_t[k]
-            hp = _mm(dh, w_t[k], cd, dh.dtype, "...i,oi->...o")
-            new.append(s_t[k] + _gate_sum(c_g * hp, 3) + c_h * dh)
+            new.append(s_t[k] + _gate_sum(c_g * hps[k], 3) + c_h * dh)
         new = tuple(new)
         return new, new
 
