@@ -481,7 +481,8 @@ def _remat_chunk(steps: int, batch: int) -> int:
     fraction of the saved states, while each chunk's matmuls keep ~2048 rows or more. A
     divisor of ``T`` near that size is preferred (no padding).
     """
-    target = max(steps // 16, -(-2048 // batch), 16)
+    # max(batch, 1): B = 0 (an empty batch, as torch allows) is one chunk.
+    target = max(steps // 16, -(-2048 // max(batch, 1)), 16)
     if target >= steps:
         return steps
     for c in range(target, min(2 * target, steps) + 1):
