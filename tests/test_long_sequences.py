@@ -9,8 +9,10 @@ layer output with its cotangent. So we require
 
     temp_size (XLA's scratch for the whole jitted value_and_grad) <= 20 * S + weights
 
-(measured: ~14.4 S for ``reset_after=True``, ~11.3 S with remat / ~17.5 S without for
-``reset_after=False``; the ratio does not depend on T, B or H). The test uses ``B = 2``,
+and with ``remat=True`` and ``reset_after=True`` (the backward runs chunk by chunk, each chunk
+recomputing its gates) ``<= 6 * S + weights`` (measured: 4.4 S with remat, 15.3 S without;
+~11.3 S with remat / ~17.5 S without for ``reset_after=False``; the ratio does not depend
+on T). The test uses ``B = 2``,
 ``H = 16`` so that an implementation keeping anything weight-sized per step
 (``T * H * 3H`` floats, e.g. per-step weight-gradient contributions) would need 24 S per layer
 and direction and fail, as would anything superlinear in T.
@@ -29,6 +31,7 @@ import gru_jax
 T, B, D, H, L, K = 10_000, 2, 4, 16, 2, 2
 SAVED = T * B * H * L * K * 4
 FACTOR = 20
+REMAT_FACTOR = 6
 
 
 def problem():
@@ -59,7 +62,7 @@ def test_t10000_forward_backward_remat():
     compiled = value_and_grad(True, True, lengths).lower(params, x).compile()
     weights = sum(a.nbytes for a in jax.tree.leaves(params))
     temp = temp_bytes(compiled)
-    assert temp <= FACTOR * SAVED + weights, (temp / SAVED, "x saved states")
+    assert temp <= REMAT_FACTOR * SAVED + weights, (temp / SAVED, "x saved states")
 
     (value, (out, h_n)), (g_params, g_x) = compiled(params, x)
     for a in (value, out, h_n, g_x, *jax.tree.leaves(g_params)):
