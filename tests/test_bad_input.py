@@ -389,6 +389,21 @@ def test_empty_batch():
     assert out.shape == (0, T, H) and h_n.shape == (1, 0, H)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_empty_batch_gradient(remat):
+    """B = 0 trains too: every chunking (forward, remat backward) copes with no rows, and the
+    weight gradients are exactly zero (a sum over no rows), long T included."""
+    x = np.zeros((0, 300, D), np.float32)
+
+    def loss(params):
+        out, h_n = gru_jax.gru(params, x, lengths=np.zeros((0,), np.int32), remat=remat)
+        return jnp.sum(out) + jnp.sum(h_n)
+
+    grads = jax.jit(jax.grad(loss))(PARAMS)
+    for g in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(g, 0.0)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_zero_time_steps(batch_first):
     """T = 0 (torch raises): empty output ``(B, 0, K*H)``, and h_n == h0 (zeros if None).
