@@ -231,18 +231,8 @@ def _layer_generic(
 ):
     """Runs one layer, all directions in one scan of the fused cell (any ``reset_after``).
 
-    JAX's own autodiff; used for ``reset_after=False``.
-
-    Args:
-      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
-      xs: ``(T, B, D)`` time-major layer input.
-      h0: ``(K, B, H)`` initial states in ``acc_dtype``.
-      mask: ``bool[T, B, 1]`` validity mask, or ``None`` when every sequence is full length.
-      lengths: ``int32[B]`` or ``None``.
-
-    Returns:
-      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` in ``acc_dtype``, zero at padded steps;
-      ``h_n`` ``(K, B, H)``.
+    JAX's own autodiff; used for ``reset_after=False``. Arguments and result as
+    :func:`_layer`.
     """
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
