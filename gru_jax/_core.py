@@ -426,8 +426,9 @@ def _forward_scan(xg, w, biases, h0, mask, static: _Static):
 
 
 class _Chunks:
-    """Time chunks of a layer's tangent pass with ``remat``: which steps each chunk covers
-    and reads (time-major).
+    """Time chunks of a layer (time-major): which steps each chunk covers and which input
+    steps it reads. The inference loop uses :meth:`gather` and :meth:`src_steps`; the
+    ``remat`` tangent pass all of it.
 
     ``times`` is ``int32[C, Tc]`` (``C * Tc >= T``; steps ``>= T`` are padding, masked off).
     """
