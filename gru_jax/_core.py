@@ -283,7 +283,9 @@ def _layer_generic(
 #
 # Layout (chosen by measurement on CPU, see BENCHMARKS.md): the input projections are separate
 # per-gate arrays (slicing a fused (..., 3H) array inside the loop is slow), while each step
-# runs one (B, H) @ (H, 3H) hidden matmul, batched over the K directions.
+# runs one (B, H) @ (H, 3H) hidden matmul, batched over the K directions. Inference works in
+# the caller's layout (batch-first input read and output written in place); the derivative
+# works time-major.
 #
 # Differentiation. JAX's own derivative of a scanned cell accumulates the weight gradient
 # ``h_{t-1}^T dG_t`` step by step inside the backward loop, a (H, B) @ (B, 3H) matmul per step.
@@ -301,11 +303,16 @@ def _layer_generic(
 
 
 class _Static(NamedTuple):
-    """Hashable options of :func:`_layer_ra` (its ``nondiff_argnums``)."""
+    """Hashable options of :func:`_layer_ra` (its ``nondiff_argnums``).
+
+    ``time_axis``: the time axis of the layer's input and states (0: ``(T, B, ·)``, 1:
+    ``(B, T, ·)``, a batch-first input read where it lies).
+    """
 
     unroll: int
     remat: bool
     compute_dtype: Any
+    time_axis: int = 0
 
 
 def _mm(a, w, compute_dtype, acc_dtype, spec: str = "...i,io->...o"):
@@ -321,9 +328,11 @@ def _mm(a, w, compute_dtype, acc_dtype, spec: str = "...i,io->...o"):
     return jnp.einsum(spec, a, w, preferred_element_type=acc_dtype)
 
 
-def _sources(xs, lengths, num_dirs: int):
+def _sources(xs, lengths, num_dirs: int, time_axis: int = 0):
     """The input sequence of each direction in scan order (the reverse one valid-reversed)."""
-    return [xs if k == 0 else _masking.reverse_valid(xs, lengths) for k in range(num_dirs)]
+    return [
+        xs if k == 0 else _masking.reverse_valid(xs, lengths, time_axis) for k in range(num_dirs)
+    ]
 
 
 def _project_one(src, w_ih_k, compute_dtype, acc_dtype):
@@ -426,9 +435,8 @@ def _forward_scan(xg, w, biases, h0, mask, static: _Static):
 
 
 class _Chunks:
-    """Time chunks of a layer (time-major): which steps each chunk covers and which input
-    steps it reads. The inference loop uses :meth:`gather` and :meth:`src_steps`; the
-    ``remat`` tangent pass all of it.
+    """Time chunks of a layer's tangent pass with ``remat``: which steps each chunk covers
+    and reads (time-major).
 
     ``times`` is ``int32[C, Tc]`` (``C * Tc >= T``; steps ``>= T`` are padding, masked off).
     """
@@ -479,7 +487,7 @@ def _divisor_near(steps: int, target: int) -> int:
 
 
 def _forward_chunk(steps: int, batch: int) -> int:
-    """Time steps per chunk of the forward pass when it hands out no coefficients.
+    """Time steps per chunk of :func:`_forward_chunked` (the forward pass of ``remat``).
 
     Tuned for speed: each chunk's projection matmuls keep ~2048 rows or more, while the
     chunk's projections stay a fraction of a long sequence's (fresh memory costs page faults
@@ -494,7 +502,7 @@ def _remat_chunk(steps: int, batch: int) -> int:
     Tuned for memory: a chunk's temporaries (about a dozen ``(Tc, B, H)`` arrays per
     direction) stay below the saved states with ``Tc ~ T/32``, while its matmuls keep 256
     rows or more. Measured (B16 T512 H256, fwd+bwd): XLA temp 47.8 MiB at Tc = 128 (the
-    forward's chunking) vs 23.9 MiB at Tc = 16, for 238 vs 251 ms.
+    forward pass's chunks at the time) vs 23.9 MiB at Tc = 16, for 238 vs 251 ms.
     """
     return _divisor_near(steps, max(steps // 32, -(-256 // max(batch, 1)), 1))
 
@@ -518,16 +526,60 @@ def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
 
 
 def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
-    """:func:`_layer_ra`'s forward computation (no gates kept).
+    """:func:`_layer_ra`'s forward computation (no gates kept), in ``static.time_axis``'s
+    layout.
 
-    The projections are computed chunk by chunk (see :func:`_forward_chunk`), so they never
-    exist for all steps of a long sequence at once, and the loop writes each state in place
-    into one preallocated ``(T, B, H)`` output (a scan's stacked outputs, chunk by chunk,
-    cost a copy per level), and the reverse direction gathers each chunk's steps rather
-    than a reversed copy of the whole input. Measured against the nested scan it replaces,
-    forward, interleaved medians of two runs: B64 T128 D256 H256 77.6 -> 73.9 and 68.5 ->
-    65.9 ms; B32 T128 2 layers bidirectional with lengths 175.4 -> 168.9 ms; B16 T512 71.0 ->
-    67.3 ms (about 4%; the gradient is unchanged, it does not use this loop).
+    The input projections of all steps come first; the loop then reads step ``t`` of them
+    and writes the new state into the slot of the ``n`` gate's projection of step ``t``,
+    which nothing reads again: that array leaves the loop as the states, so the output
+    needs no buffer of its own. A batch-first input is read where it lies (time axis 1)
+    and its output written batch-first, without transposing either.
+
+    Measured (forward, interleaved medians of two runs, against the time-major loop over
+    chunks of >= 2048 projected rows that it replaces): B64 T128 D256 H256 64.7 -> 58.6 and
+    67.1 -> 61.7 ms; B16 T512 72.9 -> 69.6 and 79.5 -> 71.3 ms; B32 T128 2-layer
+    bidirectional with lengths 172.3 -> 180.0 and 182.4 -> 181.0 ms (within noise).
+    """
+    ax = static.time_axis
+    acc_dtype, cd = h0.dtype, static.compute_dtype
+    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+    w = w_hh.astype(cd)
+    biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
+    xg = [
+        _project_one(src, w_ih[k], cd, acc_dtype)
+        for k, src in enumerate(_sources(xs, lengths, num_dirs, ax))
+    ]
+
+    def step(t, carry):
+        hs, states = carry
+        x_t = [
+            [jax.lax.dynamic_index_in_dim(a, t, ax, False) for a in (*g[:2], s)]
+            for g, s in zip(xg, states, strict=True)
+        ]
+        # In scan order both directions are valid for t < length (the reverse one reads a
+        # valid-reversed input).
+        m_t = None if lengths is None else (t < lengths)[:, None]
+        hs, _ = _step(hs, x_t, m_t, w, biases, cd)
+        states = tuple(
+            jax.lax.dynamic_update_index_in_dim(s, h, t, ax)
+            for s, h in zip(states, hs, strict=True)
+        )
+        return hs, states
+
+    init = (tuple(h0[k] for k in range(num_dirs)), tuple(g[2] for g in xg))
+    if xs.shape[ax] == 0:
+        return init[1]
+    return jax.lax.fori_loop(0, xs.shape[ax], step, init, unroll=static.unroll)[1]
+
+
+def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
+    """The forward pass of ``remat`` (time-major, no gates kept), in bounded memory.
+
+    Unlike :func:`_infer`, which projects every step first, this projects chunk by chunk
+    (see :func:`_forward_chunk`), so that the projections never exist for all steps at once
+    and the remat backward's memory stays near the saved states (XLA temp of the B16 T512
+    gradient: 23.9 MiB this way vs 32.1 MiB with :func:`_infer`). The states are written in
+    place into one ``(T, B, H)`` output; the reverse direction gathers each chunk's steps.
     """
     acc_dtype, cd = h0.dtype, static.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
@@ -715,6 +767,15 @@ def _tangent_loop(static: _Static, w_hh, dh_init, sources, coefs):
 
 @_layer_ra.defjvp
 def _layer_ra_jvp(static: _Static, primals, tangents):
+    if static.time_axis:
+        # The derivative runs time-major: a batch-first layer transposes its input and its
+        # states here (what gru() did for the whole stack before inference went batch-first).
+        xs, *rest = primals
+        dxs, *drest = tangents
+        xs, dxs = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(dxs, 0, 1)
+        hs, dhs = _layer_ra_jvp(static._replace(time_axis=0), (xs, *rest), (dxs, *drest))
+        return tuple(jnp.swapaxes(h, 0, 1) for h in hs), tuple(jnp.swapaxes(d, 0, 1) for d in dhs)
+
     xs, w_ih, bias_x, w_hh, b_hn, h0, lengths = primals
     dxs, dw_ih, dbias_x, dw_hh, db_hn, dh0, _ = tangents
     acc_dtype = h0.dtype
@@ -722,7 +783,7 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     steps, batch = xs.shape[0], xs.shape[1]
     mask = None if lengths is None else _masking.time_mask(lengths, steps)
     if static.remat:
-        hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+        hs = _forward_chunked(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     else:
         # The loop also hands out its gates: the coefficients then cost no matmul.
         hs, gates = _scan_with_gates(static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths)
@@ -781,36 +842,51 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     return hs, tuple(chunks.unchunk(d) for d in dhs)
 
 
-def _layer(lp, xs, h0, mask, lengths, *, reset_after, unroll, remat, compute_dtype, acc_dtype):
+def _layer(
+    lp, xs, h0, mask, lengths, *, time_axis, reset_after, unroll, remat, compute_dtype,
+    acc_dtype,
+):  # fmt: skip
     """Runs one layer, all directions at once.
 
     Args:
       lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
-      xs: ``(T, B, D)`` time-major layer input, zero at padded steps.
+      xs: ``(T, B, D)`` layer input (``(B, T, D)`` for ``time_axis=1``), zero at padded
+        steps.
       h0: ``(K, B, H)`` initial states in ``acc_dtype``.
-      mask: ``bool[T, B, 1]`` validity mask, or ``None`` when every sequence is full length.
+      mask: ``bool[T, B, 1]`` (``bool[B, T, 1]``) validity mask, or ``None`` when every
+        sequence is full length.
       lengths: ``int32[B]`` or ``None``.
+      time_axis: 0 or 1, the time axis of ``xs`` and of ``ys``.
 
     Returns:
-      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` in ``acc_dtype``, zero at padded steps;
-      ``h_n`` ``(K, B, H)``.
+      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``) in ``acc_dtype``, zero at padded
+      steps; ``h_n`` ``(K, B, H)``.
     """
+    steps = xs.shape[time_axis]
     if not reset_after:
-        return _layer_generic(
-            lp, xs, h0, mask, lengths, reset_after=reset_after, unroll=unroll, remat=remat,
-            compute_dtype=compute_dtype, acc_dtype=acc_dtype,
+        # The Cho et al. variant runs time-major.
+        swap = (lambda a: jnp.swapaxes(a, 0, 1)) if time_axis else (lambda a: a)
+        y, h_n = _layer_generic(
+            lp, swap(xs), h0, None if mask is None else swap(mask), lengths,
+            reset_after=reset_after, unroll=unroll, remat=remat, compute_dtype=compute_dtype,
+            acc_dtype=acc_dtype,
         )  # fmt: skip
+        return swap(y), h_n
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
     bias_x, b_hn = _split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
-    static = _Static(int(unroll), bool(remat), jnp.dtype(compute_dtype))
+    static = _Static(int(unroll), bool(remat), jnp.dtype(compute_dtype), time_axis)
     hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     # With frozen padded steps, the last state of the scan is h_n in both directions.
-    h_n = jnp.stack([h[-1] for h in hs]) if xs.shape[0] else h0
+    if steps:
+        h_n = jnp.stack([jax.lax.index_in_dim(h, steps - 1, time_axis, False) for h in hs])
+    else:
+        h_n = h0
     if num_dirs == 1:
         y = hs[0]
     else:
-        y = jnp.concatenate([hs[0], _masking.reverse_valid(hs[1], lengths)], axis=-1)
+        back = _masking.reverse_valid(hs[1], lengths, time_axis)
+        y = jnp.concatenate([hs[0], back], axis=-1)
     if mask is not None:
         y = jnp.where(mask, y, jnp.zeros((), y.dtype))
     return y, h_n
@@ -940,11 +1016,12 @@ def gru(
             f"x must have {in_features} features (last axis) to match params; got shape {x.shape}"
         )
     unbatched = x.ndim == 2
-    if unbatched:
-        xs = x[:, None, :]
-    else:
-        xs = jnp.swapaxes(x, 0, 1) if batch_first else x
-    steps, batch = xs.shape[0], xs.shape[1]
+    # Every layer works in x's own layout: batch-first input is read, and the output
+    # written, without a transposition (the derivative transposes per layer, see
+    # _layer_ra_jvp).
+    axis = 1 if batch_first and not unbatched else 0
+    xs = x[:, None, :] if unbatched else x
+    steps, batch = xs.shape[axis], xs.shape[1 - axis]
 
     weights_dtype = params["layer_0"]["w_ih"].dtype
     compute_dtype, acc_dtype = _dtypes(x.dtype, weights_dtype, dtype)
@@ -966,7 +1043,7 @@ def gru(
         if unbatched:
             lengths = jnp.reshape(jnp.asarray(lengths), (1,)) if jnp.ndim(lengths) == 0 else lengths
         lengths = _masking.prepare_lengths(lengths, batch, steps, checkify_lengths=checkify_lengths)
-        mask = _masking.time_mask(lengths, steps)
+        mask = _masking.time_mask(lengths, steps, axis)
         # Padding is never read, not even by the backward pass (0 * NaN would leak).
         xs = jnp.where(mask, xs, jnp.zeros((), xs.dtype))
     else:
@@ -978,6 +1055,7 @@ def gru(
 
     run = functools.partial(
         _layer,
+        time_axis=axis,
         mask=mask,
         lengths=lengths,
         reset_after=reset_after,
@@ -987,11 +1065,14 @@ def gru(
         acc_dtype=acc_dtype,
     )
 
-    def drop(y, i):
-        """Dropout on layer ``i``'s output (every layer but the last)."""
-        if drop_keys is None:
+    def drop(y, key):
+        """Inverted dropout on a layer's output, the mask drawn time-major ``(T, B, K*H)``
+        whatever the layout (the same mask for the same key in either layout)."""
+        if key is None:
             return y
-        keep = jax.random.bernoulli(drop_keys[i], 1.0 - dropout, y.shape)
+        shape = (y.shape[1], y.shape[0], y.shape[2]) if axis else y.shape
+        keep = jax.random.bernoulli(key, 1.0 - dropout, shape)
+        keep = jnp.swapaxes(keep, 0, 1) if axis else keep
         return jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
 
     def h0_of(i):
@@ -1009,23 +1090,21 @@ def gru(
 
         def body(y, inputs):
             lp, h0_l, key_l = inputs
-            if key_l is not None:
-                keep = jax.random.bernoulli(key_l, 1.0 - dropout, y.shape)
-                y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
-            return run(lp, y, h0_l)
+            return run(lp, drop(y, key_l), h0_l)
 
         layer_in, h_rest = jax.lax.scan(body, layer_in, (stacked, h0_rest, keys))
         finals.append(h_rest.reshape(-1, *h_rest.shape[2:]))
     else:
         for i, lp in enumerate(rest, start=1):
-            layer_in, h_n = run(lp, drop(layer_in, i - 1), h0_of(i))
+            key_i = None if drop_keys is None else drop_keys[i - 1]
+            layer_in, h_n = run(lp, drop(layer_in, key_i), h0_of(i))
             finals.append(h_n)
 
     out = layer_in.astype(x.dtype)
     h_n = jnp.concatenate(finals, axis=0).astype(x.dtype)
     if unbatched:
         return out[:, 0], h_n[:, 0]
-    return (jnp.swapaxes(out, 0, 1) if batch_first else out), h_n
+    return out, h_n
 
 
 def _same_structure(layers) -> bool:

@@ -2,7 +2,9 @@
 
 Shape legend: B = batch size, T = time steps, F = any trailing feature dims.
 
-All arrays here are time-major, ``(T, B, ...)``, the layout the time scan consumes.
+Arrays are time-major, ``(T, B, ...)``, unless a ``time_axis=1`` argument says they are
+batch-major, ``(B, T, ...)`` (the layout of a batch-first input, which the inference loop
+reads without transposing it).
 """
 
 from __future__ import annotations
@@ -65,12 +67,16 @@ def prepare_lengths(lengths, batch: int, steps: int, *, checkify_lengths: bool =
     return jnp.clip(lengths_arr, 0, steps)
 
 
-def time_mask(lengths, steps: int):
-    """``bool[T, B, 1]``: True where step ``t`` is inside sequence ``b`` (``t < lengths[b]``)."""
-    return (jnp.arange(steps, dtype=jnp.int32)[:, None] < lengths[None, :])[..., None]
+def time_mask(lengths, steps: int, time_axis: int = 0):
+    """``bool[T, B, 1]`` (``bool[B, T, 1]`` for ``time_axis=1``): True where step ``t`` is
+    inside sequence ``b`` (``t < lengths[b]``)."""
+    t = jnp.arange(steps, dtype=jnp.int32)
+    if time_axis:
+        return (t[None, :] < lengths[:, None])[..., None]
+    return (t[:, None] < lengths[None, :])[..., None]
 
 
-def reverse_valid(x, lengths=None):
+def reverse_valid(x, lengths=None, time_axis: int = 0):
     """Reverses each sequence along time within its valid prefix; padding stays in place.
 
     For sequence ``b`` with length ``n``, position ``t < n`` receives ``x[n - 1 - t]`` and
@@ -78,16 +84,19 @@ def reverse_valid(x, lengths=None):
     call puts a reverse-direction output back in forward order.
 
     Args:
-      x: ``(T, B, *F)``, time-major.
+      x: ``(T, B, *F)``, or ``(B, T, *F)`` for ``time_axis=1``.
       lengths: ``int32[B]`` or ``None`` (every sequence is full length: a plain flip).
+      time_axis: the time axis of ``x``, 0 or 1.
 
     Returns:
       An array with the shape and dtype of ``x``.
     """
     if lengths is None:
-        return jnp.flip(x, axis=0)
-    steps = x.shape[0]
+        return jnp.flip(x, axis=time_axis)
+    steps = x.shape[time_axis]
     t = jnp.arange(steps, dtype=jnp.int32)[:, None]
     idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+    if time_axis:
+        idx = idx.T
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=0)
+    return jnp.take_along_axis(x, idx, axis=time_axis)

@@ -1,5 +1,7 @@
 """The pure core: the cell's equations, scan == step loop, jit, dropout, lengths edge cases."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,29 +92,33 @@ def test_scan_equals_step_loop(reset_after):
     np.testing.assert_allclose(h_n[0], h, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps", [20, 97, 131])
-def test_inference_chunks_and_tail_match_reference(steps):
-    """Inference projects and loops over time in chunks (for B = 64: one chunk at T = 20,
-    three of 32 steps plus a 1-step tail at T = 97, four plus a 3-step tail at T = 131). Every
-    chunking gives the float64 reference, and the same output as the derivative's unchunked
-    forward (``jax.vjp``'s primal)."""
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("steps", [1, 20, 97])
+def test_inference_loop_matches_reference_and_derivative_forward(steps, batch_first):
+    """Inference runs its own loop (in place, in the caller's layout); the derivative runs a
+    time-major scan that keeps the gates, or with ``remat`` a loop over chunks (for B = 64:
+    three of 32 steps and a 1-step tail at T = 97). All give the float64 reference, in
+    either layout, with lengths 0, 1 and T among the rows."""
     batch = 64
     params = random_params(3, 4, 5, num_layers=2, bidirectional=True)
     rng = np.random.default_rng(steps)
     x = rng.standard_normal((batch, steps, 4)).astype(np.float32)
     lengths = rng.integers(0, steps + 1, batch).astype(np.int32)
     lengths[:3] = [0, steps, 1]
+    x_in = x if batch_first else np.swapaxes(x, 0, 1)
 
-    def run(params, x):
-        return gru_jax.gru(params, x, lengths=lengths)
+    def run(params, x, remat=False):
+        return gru_jax.gru(params, x, lengths=lengths, batch_first=batch_first, remat=remat)
 
-    out, h_n = jax.jit(run)(params, x)
+    out, h_n = jax.jit(run)(params, x_in)
     ref_out, ref_h = reference_gru(params, x, lengths=lengths)
-    np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-5)
+    out_bf = np.asarray(out) if batch_first else np.swapaxes(np.asarray(out), 0, 1)
+    np.testing.assert_allclose(out_bf, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(h_n), ref_h, rtol=1e-5, atol=1e-5)
-    (vjp_out, vjp_h), _ = jax.vjp(run, params, x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(vjp_out), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(h_n), np.asarray(vjp_h), rtol=1e-6, atol=1e-6)
+    for remat in (False, True):
+        (vjp_out, vjp_h), _ = jax.vjp(functools.partial(run, remat=remat), params, x_in)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(vjp_out), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(h_n), np.asarray(vjp_h), rtol=1e-6, atol=1e-6)
 
 
 def test_jit_equals_no_jit_with_traced_lengths():
