@@ -512,15 +512,16 @@ def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     """One reset-after layer, every direction: ``hs[k]``, the states in scan order.
 
     Args:
-      static: unroll, remat, compute dtype.
-      xs: ``(T, B, D)`` layer input, zero at padded steps.
+      static: unroll, remat, compute dtype, time axis.
+      xs: ``(T, B, D)`` layer input (``(B, T, D)`` for ``static.time_axis=1``), zero at
+        padded steps.
       w_ih: ``(K, D, 3H)``; bias_x: ``(K, 3H)`` (``b_ih`` plus the ``r, z`` part of ``b_hh``)
         or ``None``; w_hh: ``(K, H, 3H)``; b_hn: ``(K, H)`` or ``None``.
       h0: ``(K, B, H)`` in the accumulation dtype.
       lengths: ``int32[B]`` or ``None``.
 
     Returns:
-      ``hs[k]``: ``(T, B, H)`` in the accumulation dtype.
+      ``hs[k]``: ``(T, B, H)`` (``(B, T, H)``) in the accumulation dtype.
     """
     return _infer(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
 
@@ -535,10 +536,11 @@ def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     needs no buffer of its own. A batch-first input is read where it lies (time axis 1)
     and its output written batch-first, without transposing either.
 
-    Measured (forward, interleaved medians of two runs, against the time-major loop over
-    chunks of >= 2048 projected rows that it replaces): B64 T128 D256 H256 64.7 -> 58.6 and
-    67.1 -> 61.7 ms; B16 T512 72.9 -> 69.6 and 79.5 -> 71.3 ms; B32 T128 2-layer
-    bidirectional with lengths 172.3 -> 180.0 and 182.4 -> 181.0 ms (within noise).
+    Measured (forward, interleaved medians of three runs, against the time-major loop over
+    chunks of >= 2048 projected rows that it replaces): B64 T128 D256 H256 64.7 -> 58.6,
+    67.1 -> 61.7, 91.2 -> 76.8 ms; B16 T512 72.9 -> 69.6, 79.5 -> 71.3, 75.9 -> 70.7 ms;
+    B32 T128 2-layer bidirectional with lengths 172.3 -> 180.0, 182.4 -> 181.0, 179.1 ->
+    175.8 ms (no clear change).
     """
     ax = static.time_axis
     acc_dtype, cd = h0.dtype, static.compute_dtype
@@ -768,8 +770,8 @@ def _tangent_loop(static: _Static, w_hh, dh_init, sources, coefs):
 @_layer_ra.defjvp
 def _layer_ra_jvp(static: _Static, primals, tangents):
     if static.time_axis:
-        # The derivative runs time-major: a batch-first layer transposes its input and its
-        # states here (what gru() did for the whole stack before inference went batch-first).
+        # The derivative runs time-major (its scans and chunk gathers index time on axis 0):
+        # a batch-first layer transposes its input and its states here, once each way.
         xs, *rest = primals
         dxs, *drest = tangents
         xs, dxs = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(dxs, 0, 1)
