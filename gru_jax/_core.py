@@ -348,6 +348,14 @@ def _project_one(src, w_ih_k, compute_dtype, acc_dtype):
     ]
 
 
+def _projections(xs, w_ih, lengths, num_dirs: int, compute_dtype, acc_dtype, time_axis=0):
+    """Per direction, :func:`_project_one` of its whole input sequence in scan order."""
+    return [
+        _project_one(src, w_ih[k], compute_dtype, acc_dtype)
+        for k, src in enumerate(_sources(xs, lengths, num_dirs, time_axis))
+    ]
+
+
 def _gate_biases(bias_x, b_hn, num_dirs: int, hidden: int, acc_dtype):
     """Per direction ``(b_r, b_z, b_n, b_hn)`` as ``(H,)`` arrays in ``acc_dtype``, or ``None``."""
     out = []
@@ -526,6 +534,40 @@ def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     return _infer(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
 
 
+def _run_steps(static: _Static, carry, xg, start, size: int, w, biases, lengths, n_in_states):
+    """Steps ``[start, start + size)`` of the loop that keeps no gates.
+
+    ``carry = (hs, states)``: the current state per direction and the ``states[k]`` array the
+    loop writes step ``t``'s state into (at ``t`` along ``static.time_axis``). ``xg[k]``:
+    direction ``k``'s three input projections, step ``start + i`` at position ``i``. With
+    ``n_in_states`` the ``n`` gate's projection of step ``t`` is read from ``states[k]``
+    instead (see :func:`_infer`).
+    """
+    ax, cd = static.time_axis, static.compute_dtype
+
+    def at(a, j):
+        return jax.lax.dynamic_index_in_dim(a, j, ax, False)
+
+    def step(i, carry):
+        hs, states = carry
+        t = start + i
+        x_t = [
+            (at(g[0], i), at(g[1], i), at(st, t) if n_in_states else at(g[2], i))
+            for g, st in zip(xg, states, strict=True)
+        ]
+        # In scan order both directions are valid for t < length (the reverse one reads a
+        # valid-reversed input).
+        m_t = None if lengths is None else (t < lengths)[:, None]
+        hs, _ = _step(hs, x_t, m_t, w, biases, cd)
+        states = tuple(
+            jax.lax.dynamic_update_index_in_dim(st, h, t, ax)
+            for st, h in zip(states, hs, strict=True)
+        )
+        return hs, states
+
+    return jax.lax.fori_loop(0, size, step, carry, unroll=static.unroll)
+
+
 def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     """:func:`_layer_ra`'s forward computation (no gates kept), in ``static.time_axis``'s
     layout.
@@ -545,33 +587,14 @@ def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     ax = static.time_axis
     acc_dtype, cd = h0.dtype, static.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
-    w = w_hh.astype(cd)
     biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
-    xg = [
-        _project_one(src, w_ih[k], cd, acc_dtype)
-        for k, src in enumerate(_sources(xs, lengths, num_dirs, ax))
-    ]
-
-    def step(t, carry):
-        hs, states = carry
-        x_t = [
-            [jax.lax.dynamic_index_in_dim(a, t, ax, False) for a in (*g[:2], s)]
-            for g, s in zip(xg, states, strict=True)
-        ]
-        # In scan order both directions are valid for t < length (the reverse one reads a
-        # valid-reversed input).
-        m_t = None if lengths is None else (t < lengths)[:, None]
-        hs, _ = _step(hs, x_t, m_t, w, biases, cd)
-        states = tuple(
-            jax.lax.dynamic_update_index_in_dim(s, h, t, ax)
-            for s, h in zip(states, hs, strict=True)
-        )
-        return hs, states
-
-    init = (tuple(h0[k] for k in range(num_dirs)), tuple(g[2] for g in xg))
-    if xs.shape[ax] == 0:
-        return init[1]
-    return jax.lax.fori_loop(0, xs.shape[ax], step, init, unroll=static.unroll)[1]
+    xg = _projections(xs, w_ih, lengths, num_dirs, cd, acc_dtype, ax)
+    carry = (tuple(h0[k] for k in range(num_dirs)), tuple(g[2] for g in xg))
+    steps = xs.shape[ax]
+    if steps:
+        w = w_hh.astype(cd)
+        carry = _run_steps(static, carry, xg, 0, steps, w, biases, lengths, n_in_states=True)
+    return carry[1]
 
 
 def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
@@ -606,22 +629,7 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
             chunks.gather(xs, chunks.src_steps(t, k)) for k in range(1, num_dirs)
         ]
         xg = [_project_one(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(srcs)]
-
-        def step(i, carry):
-            hs, outs = carry
-            t = start + i
-            x_t = [[jax.lax.dynamic_index_in_dim(a, i, 0, False) for a in g] for g in xg]
-            # In scan order both directions are valid for t < length (the reverse one reads a
-            # valid-reversed input).
-            m_t = None if lengths is None else (t < lengths)[:, None]
-            hs, _ = _step(hs, x_t, m_t, w, biases, cd)
-            outs = tuple(
-                jax.lax.dynamic_update_index_in_dim(o, h, t, 0)
-                for o, h in zip(outs, hs, strict=True)
-            )
-            return hs, outs
-
-        return jax.lax.fori_loop(0, size, step, carry, unroll=static.unroll)
+        return _run_steps(static, carry, xg, start, size, w, biases, lengths, n_in_states=False)
 
     full, tail = divmod(steps, chunk)
     if full == 1:
@@ -638,10 +646,7 @@ def _scan_with_gates(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, le
     acc_dtype, cd = h0.dtype, static.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
     biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
-    xg = [
-        _project_one(src, w_ih[k], cd, acc_dtype)
-        for k, src in enumerate(_sources(xs, lengths, num_dirs))
-    ]
+    xg = _projections(xs, w_ih, lengths, num_dirs, cd, acc_dtype)
     h_init = tuple(h0[k] for k in range(num_dirs))
     return _forward_scan(xg, w_hh.astype(cd), biases, h_init, mask, static)
 
@@ -805,10 +810,15 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
         return _tangent_loop(static, w_hh, dh, sources, coefs)
 
-    if not static.remat:
+    def whole_inputs():
+        """Every step's input, its tangent (or ``None``) and previous state, per direction."""
         srcs = _sources(xs, lengths, num_dirs)
         dsrcs = None if _is_zero(dxs) else _sources(dxs, lengths, num_dirs)
         hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
+        return srcs, dsrcs, hprevs
+
+    if not static.remat:
+        srcs, dsrcs, hprevs = whole_inputs()
         coefs = [_coefficients_of(*gates[k], hprevs[k], mask) for k in range(num_dirs)]
         sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
         return hs, _tangent_loop(static, w_hh, dh_init, sources, coefs)[1]
@@ -816,10 +826,7 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     if chunk >= steps:
 
         def whole(dh):
-            srcs = _sources(xs, lengths, num_dirs)
-            dsrcs = None if _is_zero(dxs) else _sources(dxs, lengths, num_dirs)
-            hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
-            return tangent(dh, srcs, dsrcs, hprevs, mask)[1]
+            return tangent(dh, *whole_inputs(), mask)[1]
 
         return hs, maybe_remat(whole)(dh_init)
 
