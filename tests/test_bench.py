@@ -115,6 +115,9 @@ def test_run_writes_a_report(tmp_path):
                 assert math.isfinite(r[field]) and r[field] > 0, r
     assert "| gru_jax | " in md and "1.00x" in md
     assert payload["matmul_flops_per_s"] > 0
+    torch_rate = payload["torch_matmul_flops_per_s"]
+    assert torch_rate > 0 if peers == ["torch"] else torch_rate is None
+    assert ("torch.matmul" in md) == (peers == ["torch"])
     assert len(payload["compile_vs_steps"]) == 2 and len(payload["compile_vs_layers"]) == 2
     mem = payload["memory"]
     assert [m[1] for m in mem] == [False, True]
@@ -127,4 +130,7 @@ def test_run_writes_a_report(tmp_path):
 
 def test_matmul_rate_is_positive():
     assert _harness.matmul_rate(64, reps=7) > 0
+    pytest.importorskip("torch")
+    rates = _harness.matmul_rates(64, reps=3)
+    assert set(rates) == {"jax", "torch"} and min(rates.values()) > 0
     jax.clear_caches()

@@ -61,8 +61,9 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     info = h.machine()
     log(f"machine: {info.get('cpu')}, {info.get('cores')} cores; load {load_before}")
 
-    rate = h.matmul_rate(p.matmul_n)
-    log(f"matmul rate ({p.matmul_n}^3 jnp.dot): {rate / 1e9:.1f} GFLOP/s")
+    rates = h.matmul_rates(p.matmul_n, torch="torch" in p.peers)
+    rate = rates["jax"]
+    log(f"matmul rate ({p.matmul_n}^3): " + _rates_text(rates))
 
     log(f"peers on {len(p.configs)} configs, {p.reps} interleaved reps:")
     rows = h.compare(p.configs, p.peers, p.reps, notes=notes, log=log)
@@ -94,7 +95,7 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     elapsed = time.perf_counter() - t_start
 
     md = _report(
-        p, info, rate, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
+        p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
         (load_before, load_after), elapsed, out,
     )  # fmt: skip
     (out / "results.md").write_text(md)
@@ -105,6 +106,7 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
             "command": command,
             "load_average": [load_before, load_after],
             "matmul_flops_per_s": rate,
+            "torch_matmul_flops_per_s": rates.get("torch"),
             "rows": rows,
             "sweep": sweep_rows,
             "compile_vs_steps": compile_t,
@@ -117,8 +119,14 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     return md
 
 
-def _report(p, info, rate, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
+def _rates_text(rates: dict[str, float]) -> str:
+    names = {"jax": "jnp.dot", "torch": "torch.matmul"}
+    return ", ".join(f"{names[k]} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items())
+
+
+def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
             loads, elapsed, out) -> str:  # fmt: skip
+    rate = rates["jax"]
     lines = [
         "# gru_jax benchmark",
         "",
@@ -128,7 +136,8 @@ def _report(p, info, rate, rows, sweep_rows, compile_t, compile_l, memory, notes
         f"torch {info.get('torch')}, keras {info.get('keras')}",
         f"- command: `{command}`" if command else "- command: (library call)",
         f"- load average (1/5/15 min) before: {loads[0]}; after: {loads[1]}",
-        f"- float32 matmul rate (jnp.dot {p.matmul_n}x{p.matmul_n}): {rate / 1e9:.1f} GFLOP/s",
+        f"- float32 matmul rate ({p.matmul_n}x{p.matmul_n}, interleaved): {_rates_text(rates)}"
+        " (the FLOP floor uses jnp.dot's)",
         f"- timing: warm-up 2 calls, then the median of {p.reps} interleaved repetitions "
         "(every implementation once per round, order rotated); fwd+bwd = gradient of "
         "mean(output**2) over valid steps w.r.t. all parameters; wall time of the whole run "

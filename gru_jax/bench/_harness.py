@@ -70,11 +70,32 @@ def time_interleaved(
 
 def matmul_rate(n: int = 2048, reps: int = 7) -> float:
     """FLOP/s of a float32 ``(n, n) @ (n, n)`` ``jnp.dot`` under ``jit`` (median of ``reps``)."""
+    return matmul_rates(n, reps, torch=False)["jax"]
+
+
+def matmul_rates(n: int = 2048, reps: int = 7, torch: bool = True) -> dict[str, float]:
+    """FLOP/s of a float32 ``(n, n) @ (n, n)`` product, median of ``reps`` interleaved runs.
+
+    ``"jax"``: ``jnp.dot`` under ``jit`` (XLA's own dot, the rate the FLOP floor uses);
+    ``"torch"``: ``torch.matmul`` on the torch peer's threads, when torch imports. The two
+    side by side say how much of a gap to torch is the matmul library rather than the
+    GRU around it.
+    """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
-    times = time_interleaved({"dot": lambda: f(a, b).block_until_ready()}, reps)["dot"]
-    return 2.0 * n**3 / statistics.median(times)
+    fns = {"jax": lambda: f(a, b).block_until_ready()}
+    if torch:
+        try:
+            import torch as th
+        except ImportError:
+            pass
+        else:
+            th.set_num_threads(_peers.torch_threads())
+            ta, tb = th.from_numpy(np.array(a)), th.from_numpy(np.array(b))
+            fns["torch"] = lambda: th.matmul(ta, tb)
+    times = time_interleaved(fns, reps)
+    return {name: 2.0 * n**3 / statistics.median(t) for name, t in times.items()}
 
 
 # --------------------------------------------------------------------------------------------
