@@ -455,11 +455,17 @@ class _Chunks:
         self.num = -(-steps // chunk)
         self.times = jnp.arange(self.num * chunk, dtype=jnp.int32).reshape(self.num, chunk)
 
-    def gather(self, a, t):
-        """``a`` ``(T, B, ...)`` at steps ``t`` ``(Tc,)``, or per-row steps ``t`` ``(Tc, B)``."""
+    def gather(self, a, t, axis: int = 0):
+        """``a`` ``(T, B, ...)`` at steps ``t`` ``(Tc,)``, or per-row steps ``t`` ``(Tc, B)``.
+
+        ``axis=1``: ``a`` is ``(B, T, ...)``; the chunk comes back time-major all the same
+        (only the chunk is transposed, never the whole array).
+        """
         if t.ndim == 1:
-            return jnp.take(a, t, axis=0)
-        return jnp.take_along_axis(a, t.reshape(t.shape + (1,) * (a.ndim - 2)), axis=0)
+            return _time_major(jnp.take(a, t, axis=axis), axis)
+        idx = t if axis == 0 else t.T
+        idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+        return _time_major(jnp.take_along_axis(a, idx, axis=axis), axis)
 
     def src_steps(self, t, k: int):
         """Where each scan step of direction ``k`` reads the layer input (clipped to T-1)."""
@@ -483,6 +489,11 @@ class _Chunks:
         """``(C, Tc, ...)`` -> ``(T, ...)``."""
         a = a.reshape((self.num * self.chunk, *a.shape[2:]))
         return a if self.num * self.chunk == self.steps else a[: self.steps]
+
+
+def _time_major(a, time_axis: int):
+    """``a`` with its time axis (0 or 1) moved to the front."""
+    return jnp.swapaxes(a, 0, 1) if time_axis else a
 
 
 def _divisor_near(steps: int, target: int) -> int:
@@ -663,17 +674,20 @@ def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
 
 
 def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
-    """The forward pass of ``remat`` (time-major, no gates kept), in bounded memory.
+    """The forward pass of ``remat`` (no gates kept), in bounded memory: time-major states
+    from an input in ``static.time_axis``'s layout (a batch-first input is read chunk by
+    chunk where it lies).
 
     Unlike :func:`_infer`, which projects every step first, this projects chunk by chunk
     (see :func:`_forward_chunk`), so that the projections never exist for all steps at once
     and the remat backward's memory stays near the saved states (XLA temp of the B16 T512
-    gradient: 23.9 MiB this way vs 32.1 MiB with :func:`_infer`). The states are written in
+    gradient, measured while the input was still transposed first: 23.9 MiB this way vs
+    32.1 MiB with :func:`_infer`; 19.9 MiB now). The states are written in
     place into one ``(T, B, H)`` output; the reverse direction gathers each chunk's steps.
     """
-    acc_dtype, cd = h0.dtype, static.compute_dtype
+    ax, acc_dtype, cd = static.time_axis, h0.dtype, static.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
-    steps, batch = xs.shape[0], xs.shape[1]
+    steps, batch = xs.shape[ax], xs.shape[1 - ax]
     w = w_hh.astype(cd)
     biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
     carry = (
@@ -684,18 +698,19 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
         return carry[1]
     chunk = _forward_chunk(steps, batch)
     chunks = _Chunks(steps, batch, chunk, lengths)
+    tm = static._replace(time_axis=0)
 
     def run(carry, start, size: int):
         """Steps ``[start, start + size)``: project them, then loop over them."""
         # The reverse direction gathers its chunk's (valid-reversed) steps: no reversed copy
         # of the whole input.
         t = start + jnp.arange(size, dtype=jnp.int32)
-        srcs = [jax.lax.dynamic_slice_in_dim(xs, start, size)] + [
-            chunks.gather(xs, chunks.src_steps(t, k)) for k in range(1, num_dirs)
+        srcs = [_time_major(jax.lax.dynamic_slice_in_dim(xs, start, size, ax), ax)] + [
+            chunks.gather(xs, chunks.src_steps(t, k), ax) for k in range(1, num_dirs)
         ]
         xg = [_project_one(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(srcs)]
         return _run_steps(
-            static, carry, xg, start, start + size, w, biases, lengths, False, origin=start
+            tm, carry, xg, start, start + size, w, biases, lengths, False, origin=start
         )
 
     full, tail = divmod(steps, chunk)
@@ -841,9 +856,12 @@ def _tangent_loop(static: _Static, w_hh, dh_init, sources, coefs):
 
 @_layer_ra.defjvp
 def _layer_ra_jvp(static: _Static, primals, tangents):
-    if static.time_axis:
+    if static.time_axis and not static.remat:
         # The derivative runs time-major (its scans and chunk gathers index time on axis 0):
-        # a batch-first layer transposes its input and its states here, once each way.
+        # a batch-first layer transposes its input and its states here, once each way. With
+        # remat the chunks read a batch-first input where it lies instead: a transposed copy
+        # would be kept for the backward pass (XLA temp of the B16 T512 remat gradient:
+        # 23.9 MiB with the copy).
         xs, *rest = primals
         dxs, *drest = tangents
         xs, dxs = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(dxs, 0, 1)
@@ -854,7 +872,8 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     dxs, dw_ih, dbias_x, dw_hh, db_hn, dh0, _ = tangents
     acc_dtype = h0.dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
-    steps, batch = xs.shape[0], xs.shape[1]
+    ax = static.time_axis  # 1 only with remat: xs and dxs are batch-first, the rest not
+    steps, batch = xs.shape[ax], xs.shape[1 - ax]
     mask = None if lengths is None else _masking.time_mask(lengths, steps)
     if static.remat:
         hs = _forward_chunked(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
@@ -879,8 +898,10 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
 
     def whole_inputs():
         """Every step's input, its tangent (or ``None``) and previous state, per direction."""
-        srcs = _sources(xs, lengths, num_dirs)
-        dsrcs = None if _is_zero(dxs) else _sources(dxs, lengths, num_dirs)
+        srcs = [_time_major(a, ax) for a in _sources(xs, lengths, num_dirs, ax)]
+        dsrcs = None
+        if not _is_zero(dxs):
+            dsrcs = [_time_major(a, ax) for a in _sources(dxs, lengths, num_dirs, ax)]
         hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
         return srcs, dsrcs, hprevs
 
@@ -895,7 +916,8 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         def whole(dh):
             return tangent(dh, *whole_inputs(), mask)[1]
 
-        return hs, maybe_remat(whole)(dh_init)
+        dhs = maybe_remat(whole)(dh_init)
+        return tuple(_time_major(h, ax) for h in hs), tuple(_time_major(d, ax) for d in dhs)
 
     # remat over long sequences: the tangent (and so the backward) pass runs chunk by chunk,
     # each chunk recomputing its gates from the saved states, so that the backward pass holds
@@ -903,10 +925,10 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     chunks = _Chunks(steps, batch, chunk, lengths)
 
     def chunk_step(dh, t):
-        srcs = [chunks.gather(xs, chunks.src_steps(t, k)) for k in range(num_dirs)]
+        srcs = [chunks.gather(xs, chunks.src_steps(t, k), ax) for k in range(num_dirs)]
         dsrcs = None
         if not _is_zero(dxs):
-            dsrcs = [chunks.gather(dxs, chunks.src_steps(t, k)) for k in range(num_dirs)]
+            dsrcs = [chunks.gather(dxs, chunks.src_steps(t, k), ax) for k in range(num_dirs)]
         prev = jnp.clip(t - 1, 0, steps - 1)
         first = (t == 0).reshape(chunk, 1, 1)
         hprevs = [
@@ -915,7 +937,8 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         return tangent(dh, srcs, dsrcs, hprevs, chunks.mask(t, mask))
 
     _, dhs = jax.lax.scan(maybe_remat(chunk_step), dh_init, chunks.times)
-    return hs, tuple(chunks.unchunk(d) for d in dhs)
+    dhs = tuple(chunks.unchunk(d) for d in dhs)
+    return tuple(_time_major(h, ax) for h in hs), tuple(_time_major(d, ax) for d in dhs)
 
 
 def _layer(

@@ -10,8 +10,8 @@ layer output with its cotangent. So we require
     temp_size (XLA's scratch for the whole jitted value_and_grad) <= 20 * S + weights
 
 and with ``remat=True`` and ``reset_after=True`` (the backward runs chunk by chunk, each chunk
-recomputing its gates) ``<= 6 * S + weights`` (measured: 4.4 S with remat, 15.3 S without;
-~11.3 S with remat / ~17.5 S without for ``reset_after=False``; the ratio does not depend
+recomputing its gates) ``<= 6 * S + weights`` (measured: 3.6 S with remat, 13.6 S without;
+~11.1 S with remat / ~16.9 S without for ``reset_after=False``; the ratio does not depend
 on T). The test uses ``B = 2``,
 ``H = 16`` so that an implementation keeping anything weight-sized per step
 (``T * H * 3H`` floats, e.g. per-step weight-gradient contributions) would need 24 S per layer
