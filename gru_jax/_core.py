@@ -964,7 +964,7 @@ def _layer(
     steps = xs.shape[time_axis]
     if not reset_after:
         # The Cho et al. variant runs time-major.
-        swap = (lambda a: jnp.swapaxes(a, 0, 1)) if time_axis else (lambda a: a)
+        swap = functools.partial(_time_major, time_axis=time_axis)  # its own inverse
         y, h_n = _layer_generic(
             lp, swap(xs), h0, None if mask is None else swap(mask), lengths,
             reset_after=reset_after, unroll=unroll, remat=remat, compute_dtype=compute_dtype,
@@ -1178,7 +1178,7 @@ def gru(
             return y
         shape = (y.shape[1], y.shape[0], y.shape[2]) if axis else y.shape
         keep = jax.random.bernoulli(key, 1.0 - dropout, shape)
-        keep = jnp.swapaxes(keep, 0, 1) if axis else keep
+        keep = _time_major(keep, axis)
         return jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
 
     def h0_of(i):
