@@ -292,8 +292,10 @@ def _layer_generic(
 # ``h_{t-1}^T dG_t`` step by step inside the backward loop, a (H, B) @ (B, 3H) matmul per step.
 # The rule below instead linearizes the whole layer at once:
 #
-#   * every gate value is recomputed from the saved states with one big (T*B, H) @ (H, H)
-#     matmul per gate (not inside the loop), and folded into five per-step coefficient arrays;
+#   * the forward loop hands out its gates, which are folded into five per-step coefficient
+#     arrays outside the loop (with ``remat`` each chunk of the tangent pass reruns the
+#     forward loop over its steps from the state before the chunk instead, so that only one
+#     state per chunk is kept for the backward pass);
 #   * the tangent recurrence is then ``dh_t = s_t + sum_g c_g,t * (dh_{t-1} @ W_g) + z_t dh_{t-1}``
 #     where ``s_t`` collects every tangent that does not depend on ``dh`` (input, weights,
 #     biases) and is computed outside the loop;
@@ -371,12 +373,6 @@ def _gate_biases(bias_x, b_hn, num_dirs: int, hidden: int, acc_dtype):
 def _plus(a, b):
     """``a + b`` for ``b`` an ``(H,)`` bias (or ``None``), broadcast explicitly."""
     return a if b is None else a + b.reshape((1,) * (a.ndim - 1) + b.shape)
-
-
-def _hidden_kernels(w_hh):
-    """``w[k][g]``: the ``(H, H)`` block of ``w_hh`` for direction ``k``, gate ``g``."""
-    num_dirs, hidden, _ = w_hh.shape
-    return [[w_hh[k, :, g * hidden : (g + 1) * hidden] for g in range(3)] for k in range(num_dirs)]
 
 
 def _gates(x_r, x_z, x_n, hp, h, biases):
@@ -682,7 +678,7 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     (see :func:`_forward_chunk`), so that the projections never exist for all steps at once
     and the remat backward's memory stays near the saved states (XLA temp of the B16 T512
     gradient, measured while the input was still transposed first: 23.9 MiB this way vs
-    32.1 MiB with :func:`_infer`; 19.9 MiB now). The states are written in
+    32.1 MiB with :func:`_infer`; 16.5 MiB now). The states are written in
     place into one ``(T, B, H)`` output; the reverse direction gathers each chunk's steps.
     """
     ax, acc_dtype, cd = static.time_axis, h0.dtype, static.compute_dtype
@@ -733,31 +729,15 @@ def _scan_with_gates(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, le
     return _forward_scan(xg, w_hh.astype(cd), biases, h_init, mask, static)
 
 
-def _coefficients(static: _Static, srcs, hprevs, mask, w_ih, w_hh, biases):
-    """Per direction, the tangent coefficients ``(c_g, c_f, c_h)``.
-
-    ``srcs[k]``/``hprevs[k]``: the input and the previous state ``h_{t-1}`` at each step of a
-    stretch of ``T'`` steps, in scan order. With ``P = (1 - z)(1 - n^2)``:
-    ``c_g = [c_r, c_z, c_n]`` ``(T', B, 3H)`` with ``c_r = P r (1 - r) hn``,
-    ``c_z = z (1 - z)(h_{t-1} - n)``, ``c_n = P r``; ``c_f = P`` and ``c_h = z``
-    ``(T', B, H)``. Where ``mask`` is False they are 0 (``c_h = 1``), so the tangent state is
-    carried unchanged over padding. Gates are recomputed from the saved states, vectorized
-    over time (one big matmul per gate), not inside the loop.
-    """
-    cd = static.compute_dtype
-    w = _hidden_kernels(w_hh)
-    out = []
-    for k, (src, hprev) in enumerate(zip(srcs, hprevs, strict=True)):
-        acc_dtype = hprev.dtype
-        xg = _project_one(src, w_ih[k], cd, acc_dtype)
-        hp = [_mm(hprev, w[k][g], cd, acc_dtype) for g in range(3)]
-        r, z, n, hn, _ = _gates(*xg, hp, hprev, biases[k])
-        out.append(_coefficients_of(r, z, n, hn, hprev, mask))
-    return out
-
-
 def _coefficients_of(r, z, n, hn, hprev, mask):
-    """:func:`_coefficients` of one direction, from its gates and previous states."""
+    """The tangent coefficients ``(c_g, c_f, c_h)`` of one direction over a stretch of
+    ``T'`` steps, from its gates ``r, z, n, hn`` and previous states ``h_{t-1}``.
+
+    With ``P = (1 - z)(1 - n^2)``: ``c_g = [c_r, c_z, c_n]`` ``(T', B, 3H)`` with
+    ``c_r = P r (1 - r) hn``, ``c_z = z (1 - z)(h_{t-1} - n)``, ``c_n = P r``; ``c_f = P``
+    and ``c_h = z`` ``(T', B, H)``. Where ``mask`` is False they are 0 (``c_h = 1``), so the
+    tangent state is carried unchanged over padding.
+    """
     acc_dtype = hprev.dtype
     one = jnp.ones((), acc_dtype)
     p = (one - z) * (one - n * n)
@@ -885,58 +865,59 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         for k in range(num_dirs)
     )
     weight_tangents = (dw_ih, dbias_x, dw_hh, db_hn)
-    chunk = _remat_chunk(steps, batch) if static.remat else steps
-    # In remat mode the whole tangent computation is checkpointed, so that reverse mode saves
-    # only the primal inputs and the states and recomputes the gates in the backward pass.
-    maybe_remat = functools.partial(jax.checkpoint, prevent_cse=False)
+    biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
 
-    def tangent(dh, srcs, dsrcs, hprevs, m):
-        biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
-        coefs = _coefficients(static, srcs, hprevs, m, w_ih, w_hh, biases)
-        sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
-        return _tangent_loop(static, w_hh, dh, sources, coefs)
-
-    def whole_inputs():
-        """Every step's input, its tangent (or ``None``) and previous state, per direction."""
-        srcs = [_time_major(a, ax) for a in _sources(xs, lengths, num_dirs, ax)]
-        dsrcs = None
-        if not _is_zero(dxs):
-            dsrcs = [_time_major(a, ax) for a in _sources(dxs, lengths, num_dirs, ax)]
-        hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
-        return srcs, dsrcs, hprevs
+    def sources_of(src_of, hprevs, coefs):
+        """:func:`_tangent_sources`, with ``src_of(a, k)`` reading direction ``k``'s steps of
+        the input (or its tangent) ``a`` in scan order."""
+        srcs = [src_of(xs, k) for k in range(num_dirs)]
+        dsrcs = None if _is_zero(dxs) else [src_of(dxs, k) for k in range(num_dirs)]
+        return _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
 
     if not static.remat:
-        srcs, dsrcs, hprevs = whole_inputs()
+        # The coefficients come from the forward loop's gates: they cost no matmul.
+        hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
         coefs = [_coefficients_of(*gates[k], hprevs[k], mask) for k in range(num_dirs)]
-        sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
+        sources = sources_of(
+            lambda a, k: a if k == 0 else _masking.reverse_valid(a, lengths), hprevs, coefs
+        )
         return hs, _tangent_loop(static, w_hh, dh_init, sources, coefs)[1]
 
-    if chunk >= steps:
-
-        def whole(dh):
-            return tangent(dh, *whole_inputs(), mask)[1]
-
-        dhs = maybe_remat(whole)(dh_init)
-        return tuple(_time_major(h, ax) for h in hs), tuple(_time_major(d, ax) for d in dhs)
-
-    # remat over long sequences: the tangent (and so the backward) pass runs chunk by chunk,
-    # each chunk recomputing its gates from the saved states, so that the backward pass holds
-    # the states plus one chunk's worth of temporaries.
+    # remat: the tangent (and so the backward) pass runs chunk by chunk, and each chunk
+    # reruns the forward loop over its steps from the state before it, so that reverse mode
+    # keeps only the primal inputs and one state per chunk, not the states of every step:
+    # the states are the layer's output, whose cotangent the backward pass holds anyway.
+    # The whole tangent computation is checkpointed, so the gates are recomputed in the
+    # backward pass.
+    cd = static.compute_dtype
+    chunk = _remat_chunk(steps, batch)
     chunks = _Chunks(steps, batch, chunk, lengths)
+    w = w_hh.astype(cd)
 
-    def chunk_step(dh, t):
-        srcs = [chunks.gather(xs, chunks.src_steps(t, k), ax) for k in range(num_dirs)]
-        dsrcs = None
-        if not _is_zero(dxs):
-            dsrcs = [chunks.gather(dxs, chunks.src_steps(t, k), ax) for k in range(num_dirs)]
-        prev = jnp.clip(t - 1, 0, steps - 1)
-        first = (t == 0).reshape(chunk, 1, 1)
+    def chunk_step(dh, inputs):
+        t, h_before = inputs
+
+        def src_of(a, k):
+            # Padding steps (>= T) read step T - 1 and are masked off.
+            return chunks.gather(a, chunks.src_steps(t, k), ax)
+
+        m = chunks.mask(t, mask)
+        xg = [_project_one(src_of(xs, k), w_ih[k], cd, acc_dtype) for k in range(num_dirs)]
+        states, gates = _forward_scan(xg, w, biases, h_before, m, static)
         hprevs = [
-            jnp.where(first, h0[k][None], chunks.gather(hs[k], prev)) for k in range(num_dirs)
+            jnp.concatenate([h_before[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)
         ]
-        return tangent(dh, srcs, dsrcs, hprevs, chunks.mask(t, mask))
+        coefs = [_coefficients_of(*gates[k], hprevs[k], m) for k in range(num_dirs)]
+        sources = sources_of(src_of, hprevs, coefs)
+        return _tangent_loop(static, w_hh, dh, sources, coefs)
 
-    _, dhs = jax.lax.scan(maybe_remat(chunk_step), dh_init, chunks.times)
+    # The state before each chunk: h0, then the state after the last step of each chunk.
+    befores = tuple(
+        jnp.concatenate([h0[k][None], hs[k][chunk - 1 : (chunks.num - 1) * chunk : chunk]])
+        for k in range(num_dirs)
+    )
+    remat_step = jax.checkpoint(chunk_step, prevent_cse=False)
+    _, dhs = jax.lax.scan(remat_step, dh_init, (chunks.times, befores))
     dhs = tuple(chunks.unchunk(d) for d in dhs)
     return tuple(_time_major(h, ax) for h in hs), tuple(_time_major(d, ax) for d in dhs)
 
