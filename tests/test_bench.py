@@ -134,3 +134,18 @@ def test_matmul_rate_is_positive():
     rates = _harness.matmul_rates(64, reps=3)
     assert set(rates) == {"jax", "torch"} and min(rates.values()) > 0
     jax.clear_caches()
+
+
+def test_sweep_reuses_rows_of_the_same_shape():
+    """A sweep point that a peer comparison already timed (the long config) is not timed
+    again: its rows come back renamed, the other points are timed."""
+    base = _peers.Config("sweep", 2, 0, 3, 4)
+    long = _harness.Row(
+        _peers.Config("long", 2, 6, 3, 4), _harness.OURS, forward=123.0, train=456.0
+    )
+    other = _harness.Row(TINY, _harness.OURS, forward=7.0, train=8.0)
+    rows = _harness.time_vs_steps((3, 6), [], 3, base, notes=[], measured=[other, long])
+    assert [r.config.name for r in rows] == ["T=3", "T=6"]
+    assert [r.config.steps for r in rows] == [3, 6]
+    assert (rows[1].forward, rows[1].train) == (123.0, 456.0)
+    assert 0 < rows[0].forward < 100 and 0 < rows[0].train < 100

@@ -13,8 +13,9 @@ from pathlib import Path
 from gru_jax.bench import _harness as h
 from gru_jax.bench._peers import PEERS, Config
 
+# The last T of each sweep is the long config's (B16 D128 H256): its rows are reused.
 SWEEP_STEPS = (32, 128, 512, 2048)
-QUICK_SWEEP_STEPS = (16, 64, 256)
+QUICK_SWEEP_STEPS = (16, 64, 512)
 COMPILE_STEPS = (64, 256, 1024, 4096)
 QUICK_COMPILE_STEPS = (64, 512, 4096)
 COMPILE_LAYERS = tuple(range(1, 9))
@@ -71,7 +72,7 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     sweep_rows = []
     if p.sweep_steps:
         log(f"time vs T: {list(p.sweep_steps)}")
-        sweep_rows = h.time_vs_steps(p.sweep_steps, p.peers, p.reps, notes=notes)
+        sweep_rows = h.time_vs_steps(p.sweep_steps, p.peers, p.reps, notes=notes, measured=rows)
 
     compile_t = []
     base = Config("compile", 16, 128, 128, 256)

@@ -168,10 +168,22 @@ def time_vs_steps(
     base: Config = SWEEP_BASE,
     *,
     notes: list[str],
+    measured: Sequence[Row] = (),
 ) -> list[Row]:
-    """:func:`compare` over ``T`` for the plot."""
-    configs = [dataclasses.replace(base, name=f"T={t}", steps=t) for t in steps]
-    return compare(configs, peers, reps, notes=notes, log=lambda s: None)
+    """:func:`compare` over ``T`` for the plot.
+
+    A ``T`` whose shape a row of ``measured`` already has (the long config is the sweep's
+    shape) reuses those rows instead of timing the same thing twice.
+    """
+    rows: list[Row] = []
+    for t in steps:
+        cfg = dataclasses.replace(base, name=f"T={t}", steps=t)
+        same = [r for r in measured if dataclasses.replace(r.config, name=cfg.name) == cfg]
+        if same:
+            rows += [dataclasses.replace(r, config=cfg) for r in same]
+        else:
+            rows += compare([cfg], peers, reps, notes=notes, log=lambda s: None)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
