@@ -40,14 +40,27 @@ SWEEP_BASE = Config("sweep", 16, 0, 128, 256)
 # --------------------------------------------------------------------------------------------
 
 
+# Pause (untimed) before every timed call, so that each call starts on a quiet machine:
+# torch's OpenMP threads keep spinning for 5-20 ms after a call returns. Measured (B16 T64
+# forward of gru_jax, medians of 21): 9.6 ms after a call of its own, 13.9 ms right after a
+# torch call, 14.2 / 11.3 / 10.8 / 10.3 ms after a torch call and 1 / 5 / 20 / 50 ms of
+# sleep. With the rotated order below, the implementation listed after torch (gru_jax, the
+# first) ran right after torch in every round.
+SETTLE_SECONDS = 0.025
+
+
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 2,
+    settle: float = SETTLE_SECONDS,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, repetitions interleaved across functions.
 
     Each function runs ``warmup`` times first (compilation, caches); then ``reps`` rounds
     each call every function once, in an order rotated every round, so that slow phases of
-    a shared machine hit every function alike. The garbage collector is off while timing.
+    a shared machine hit every function alike, and with ``settle`` seconds of pause before
+    every timed call (see ``SETTLE_SECONDS``). The garbage collector is off while timing.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -60,6 +73,7 @@ def time_interleaved(
         for r in range(reps):
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
+                time.sleep(settle)
                 t0 = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
