@@ -889,6 +889,9 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     # the states are the layer's output, whose cotangent the backward pass holds anyway.
     # The whole tangent computation is checkpointed, so the gates are recomputed in the
     # backward pass.
+    if not steps:  # nothing to rerun; the (empty) states are the whole answer
+        hs = tuple(_time_major(h, ax) for h in hs)
+        return hs, tuple(jnp.zeros_like(h) for h in hs)
     cd = static.compute_dtype
     chunk = _remat_chunk(steps, batch)
     chunks = _Chunks(steps, batch, chunk, lengths)

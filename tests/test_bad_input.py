@@ -420,3 +420,20 @@ def test_zero_time_steps(batch_first):
     out, h_n = gru(np.zeros((0, D), np.float32), h0[:, 0])  # unbatched
     assert out.shape == (0, K * H)
     np.testing.assert_array_equal(h_n, h0[:, 0])
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_zero_time_steps_gradient(remat):
+    """T = 0 trains too (no chunk to rerun with remat): the only path from the parameters to
+    the loss is h_n = h0, so the weight gradients are exactly zero and h0's is the loss's."""
+    x = np.zeros((B, 0, D), np.float32)
+    h0 = np.random.default_rng(3).standard_normal((L * K, B, H)).astype(np.float32)
+
+    def loss(params, h0):
+        out, h_n = gru_jax.gru(params, x, h0, lengths=np.zeros(B, np.int32), remat=remat)
+        return jnp.sum(out) + jnp.sum(h_n * h_n)
+
+    g_params, g_h0 = jax.jit(jax.grad(loss, argnums=(0, 1)))(PARAMS, h0)
+    for g in jax.tree.leaves(g_params):
+        np.testing.assert_array_equal(g, 0.0)
+    np.testing.assert_allclose(g_h0, 2 * h0, rtol=1e-6)
