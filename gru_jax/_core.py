@@ -719,16 +719,6 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     return carry[1]
 
 
-def _scan_with_gates(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths):
-    """The time-major forward pass of the derivative: ``(hs, gates)`` of every step."""
-    acc_dtype, cd = h0.dtype, static.compute_dtype
-    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
-    biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
-    xg = _projections(xs, w_ih, lengths, num_dirs, cd, acc_dtype)
-    h_init = tuple(h0[k] for k in range(num_dirs))
-    return _forward_scan(xg, w_hh.astype(cd), biases, h_init, mask, static)
-
-
 def _coefficients_of(r, z, n, hn, hprev, mask):
     """The tangent coefficients ``(c_g, c_f, c_h)`` of one direction over a stretch of
     ``T'`` steps, from its gates ``r, z, n, hn`` and previous states ``h_{t-1}``.
@@ -855,33 +845,39 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     ax = static.time_axis  # 1 only with remat: xs and dxs are batch-first, the rest not
     steps, batch = xs.shape[ax], xs.shape[1 - ax]
     mask = None if lengths is None else _masking.time_mask(lengths, steps)
-    if static.remat:
-        hs = _forward_chunked(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
-    else:
-        # The loop also hands out its gates: the coefficients then cost no matmul.
-        hs, gates = _scan_with_gates(static, xs, w_ih, bias_x, w_hh, b_hn, h0, mask, lengths)
     dh_init = tuple(
         jnp.zeros_like(h0[k]) if _is_zero(dh0) else dh0[k].astype(acc_dtype)
         for k in range(num_dirs)
     )
     weight_tangents = (dw_ih, dbias_x, dw_hh, db_hn)
     biases = _gate_biases(bias_x, b_hn, num_dirs, hidden, acc_dtype)
+    cd = static.compute_dtype
+    w = w_hh.astype(cd)
 
-    def sources_of(src_of, hprevs, coefs):
-        """:func:`_tangent_sources`, with ``src_of(a, k)`` reading direction ``k``'s steps of
-        the input (or its tangent) ``a`` in scan order."""
+    def stretch(dh, h_start, src_of, m):
+        """A stretch of steps (all of them, or one remat chunk) from the state before it:
+        ``(states, (last dh, every dh))``.
+
+        ``src_of(a, k)`` reads direction ``k``'s steps of the input (or its tangent) ``a``
+        in scan order. The forward loop hands out its gates, so the coefficients cost no
+        matmul of their own.
+        """
+        xg = [_project_one(src_of(xs, k), w_ih[k], cd, acc_dtype) for k in range(num_dirs)]
+        states, gates = _forward_scan(xg, w, biases, h_start, m, static)
+        hprevs = [
+            jnp.concatenate([h_start[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)
+        ]
+        coefs = [_coefficients_of(*gates[k], hprevs[k], m) for k in range(num_dirs)]
         srcs = [src_of(xs, k) for k in range(num_dirs)]
         dsrcs = None if _is_zero(dxs) else [src_of(dxs, k) for k in range(num_dirs)]
-        return _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
+        sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
+        return states, _tangent_loop(static, w_hh, dh, sources, coefs)
 
     if not static.remat:
-        # The coefficients come from the forward loop's gates: they cost no matmul.
-        hprevs = [jnp.concatenate([h0[k][None], hs[k][:-1]], axis=0) for k in range(num_dirs)]
-        coefs = [_coefficients_of(*gates[k], hprevs[k], mask) for k in range(num_dirs)]
-        sources = sources_of(
-            lambda a, k: a if k == 0 else _masking.reverse_valid(a, lengths), hprevs, coefs
+        hs, (_, dhs) = stretch(
+            dh_init, h0, lambda a, k: a if k == 0 else _masking.reverse_valid(a, lengths), mask
         )
-        return hs, _tangent_loop(static, w_hh, dh_init, sources, coefs)[1]
+        return hs, dhs
 
     # remat: the tangent (and so the backward) pass runs chunk by chunk, and each chunk
     # reruns the forward loop over its steps from the state before it, so that reverse mode
@@ -889,13 +885,12 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     # the states are the layer's output, whose cotangent the backward pass holds anyway.
     # The whole tangent computation is checkpointed, so the gates are recomputed in the
     # backward pass.
+    hs = _forward_chunked(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     if not steps:  # nothing to rerun; the (empty) states are the whole answer
         hs = tuple(_time_major(h, ax) for h in hs)
         return hs, tuple(jnp.zeros_like(h) for h in hs)
-    cd = static.compute_dtype
     chunk = _remat_chunk(steps, batch)
     chunks = _Chunks(steps, batch, chunk, lengths)
-    w = w_hh.astype(cd)
 
     def chunk_step(dh, inputs):
         t, h_before = inputs
@@ -904,15 +899,7 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
             # Padding steps (>= T) read step T - 1 and are masked off.
             return chunks.gather(a, chunks.src_steps(t, k), ax)
 
-        m = chunks.mask(t, mask)
-        xg = [_project_one(src_of(xs, k), w_ih[k], cd, acc_dtype) for k in range(num_dirs)]
-        states, gates = _forward_scan(xg, w, biases, h_before, m, static)
-        hprevs = [
-            jnp.concatenate([h_before[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)
-        ]
-        coefs = [_coefficients_of(*gates[k], hprevs[k], m) for k in range(num_dirs)]
-        sources = sources_of(src_of, hprevs, coefs)
-        return _tangent_loop(static, w_hh, dh, sources, coefs)
+        return stretch(dh, h_before, src_of, chunks.mask(t, mask))[1]
 
     # The state before each chunk: h0, then the state after the last step of each chunk.
     befores = tuple(
