@@ -511,7 +511,7 @@ def _forward_chunk(steps: int, rows: int) -> int:
     page faults on CPU). Counting both directions' rows halves a bidirectional chunk: its
     projections were the peak of the remat gradient (XLA temp of B32 T128 2-layer
     bidirectional: 44.2 -> 38.9 MiB, 54.3 -> 48.2 MiB with lengths, for a training step
-    3-6% slower). ``max(rows, 1)``: an empty batch (B = 0, as torch allows) is one chunk.
+    3-9% slower). ``max(rows, 1)``: an empty batch (B = 0, as torch allows) is one chunk.
     """
     return _divisor_near(steps, max(steps // 16, -(-2048 // max(rows, 1)), 16))
 
