@@ -866,13 +866,13 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         in scan order. The forward loop hands out its gates, so the coefficients cost no
         matmul of their own.
         """
-        xg = [_project_one(src_of(xs, k), w_ih[k], cd, acc_dtype) for k in range(num_dirs)]
+        srcs = [src_of(xs, k) for k in range(num_dirs)]
+        xg = [_project_one(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(srcs)]
         states, gates = _forward_scan(xg, w, biases, h_start, m, static)
         hprevs = [
             jnp.concatenate([h_start[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)
         ]
         coefs = [_coefficients_of(*gates[k], hprevs[k], m) for k in range(num_dirs)]
-        srcs = [src_of(xs, k) for k in range(num_dirs)]
         dsrcs = None if _is_zero(dxs) else [src_of(dxs, k) for k in range(num_dirs)]
         sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
         return states, _tangent_loop(static, w_hh, dh, sources, coefs)
