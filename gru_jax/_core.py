@@ -561,22 +561,24 @@ def _run_steps(
     """
     ax, cd = static.time_axis, static.compute_dtype
 
+    def starts(a, t):
+        """Where step ``t``'s rows begin in ``a``: one index dtype for the dynamic slices
+        (int64 zeros under x64, int32 bounds)."""
+        out = [jnp.int32(0)] * a.ndim
+        out[ax] = jnp.asarray(t, jnp.int32)
+        return out
+
     def at(a, j):
         if rows is None:
             return jax.lax.dynamic_index_in_dim(a, j, ax, False)
-        # One index dtype for dynamic_slice (int64 zeros under x64, int32 bounds).
-        starts = [jnp.int32(0)] * a.ndim
-        starts[ax] = jnp.asarray(j, jnp.int32)
         sizes = [*a.shape[:ax], 1, *a.shape[ax + 1 :]]
         sizes[1 - ax] = rows
-        return jax.lax.squeeze(jax.lax.dynamic_slice(a, starts, sizes), (ax,))
+        return jax.lax.squeeze(jax.lax.dynamic_slice(a, starts(a, j), sizes), (ax,))
 
     def put(a, h, t):
         if rows is None:
             return jax.lax.dynamic_update_index_in_dim(a, h, t, ax)
-        starts = [jnp.int32(0)] * a.ndim
-        starts[ax] = jnp.asarray(t, jnp.int32)
-        return jax.lax.dynamic_update_slice(a, jnp.expand_dims(h, ax), starts)
+        return jax.lax.dynamic_update_slice(a, jnp.expand_dims(h, ax), starts(a, t))
 
     alive = None if lengths is None else lengths[:rows]
 
