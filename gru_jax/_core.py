@@ -244,7 +244,7 @@ def _layer_generic(
     # direction reads its input in valid-prefix-reversed order, so its scan runs forward.
     per_dir = []
     for k in range(num_dirs):
-        src = xs_c if k == 0 else _masking.reverse_valid(xs_c, lengths)
+        src = _source(xs_c, lengths, k)
         xp_k = jnp.einsum("tbd,dg->tbg", src, w_ih_c[k], preferred_element_type=acc_dtype)
         if bias_x is not None:
             xp_k = xp_k + bias_x[k].astype(acc_dtype)[None, None, :]
@@ -331,11 +331,14 @@ def _mm(a, w, compute_dtype, acc_dtype, spec: str = "...i,io->...o"):
     return jnp.einsum(spec, a, w, preferred_element_type=acc_dtype)
 
 
+def _source(xs, lengths, k: int, time_axis: int = 0):
+    """Direction ``k``'s input sequence in scan order (the reverse one valid-reversed)."""
+    return xs if k == 0 else _masking.reverse_valid(xs, lengths, time_axis)
+
+
 def _sources(xs, lengths, num_dirs: int, time_axis: int = 0):
-    """The input sequence of each direction in scan order (the reverse one valid-reversed)."""
-    return [
-        xs if k == 0 else _masking.reverse_valid(xs, lengths, time_axis) for k in range(num_dirs)
-    ]
+    """:func:`_source` of every direction."""
+    return [_source(xs, lengths, k, time_axis) for k in range(num_dirs)]
 
 
 def _project_one(src, w_ih_k, compute_dtype, acc_dtype):
@@ -880,9 +883,7 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         return states, _tangent_loop(static, w_hh, dh, sources, coefs)
 
     if not static.remat:
-        hs, (_, dhs) = stretch(
-            dh_init, h0, lambda a, k: a if k == 0 else _masking.reverse_valid(a, lengths), mask
-        )
+        hs, (_, dhs) = stretch(dh_init, h0, lambda a, k: _source(a, lengths, k), mask)
         return hs, dhs
 
     # remat: the tangent (and so the backward) pass runs chunk by chunk, and each chunk
