@@ -175,12 +175,12 @@ def test_remat_gradients_equal(steps, batch_first, bidirectional=True, reset_aft
     At T = 7 the tangent pass is one checkpointed piece; at T = 300 (B = 3) it runs in
     three chunks of 100 steps, which read a batch-first input where it lies, and each of
     which reruns its steps from the state before it (a start state one step off fails
-    this test). float32; in one
-    piece the recomputation runs the same operations on the same values, so equality is
-    asserted to ``rtol = 1e-6`` (XLA may fuse the recomputed step differently, which can
-    move the last bit), not merely "close"; in chunks the weight gradients are summed chunk
-    by chunk instead of in one matmul over all steps (measured: at most 1e-6 of the
-    largest entry, on an entry that cancels to 0.023 among entries up to 7).
+    this test). float32; in one piece the recomputation runs the same operations on the
+    same values, so equality is asserted to ``rtol = 1e-6`` (XLA may fuse the recomputed
+    step differently, which can move the last bit), not merely "close"; in chunks the
+    weight gradients are summed chunk by chunk instead of in one matmul over all steps
+    (measured: at most 1e-6 of the largest entry, on an entry that cancels to 0.023 among
+    entries up to 7).
     """
     num_layers = 1
     params, x, h0 = make(
