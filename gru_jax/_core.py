@@ -64,6 +64,19 @@ def _split_bias(b_ih, b_hh, hidden: int, reset_after: bool):
     ]
 
 
+def _sigmoid(x):
+    """The logistic function, ``1 / (1 + exp(-x))``, computed as ``(1 + tanh(x / 2)) / 2``.
+
+    XLA:CPU lowers ``jax.nn.sigmoid`` to an exp and a divide. The tanh form is cheaper there:
+    a 128-step loop of one direction's gate math at B32 H256 took 22-23 vs 33-39 us per
+    step, and the inference forward got 1-6% faster (11 of 12 interleaved runs over the
+    four bench configs). Its absolute error is about an ulp of 1 (float32: 1.4e-7, against
+    8.9e-8 for ``jax.nn.sigmoid``), so a gate near 0 loses relative precision (7e-5 at
+    1e-3), not absolute: the bench configs' outputs moved by at most 2.6e-7.
+    """
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
 def _recurrence(xp, h, w_hh, b_hn, *, reset_after: bool, compute_dtype):
     """The part of a GRU step that depends on ``h``, given the input projection ``xp``.
 
@@ -82,14 +95,14 @@ def _recurrence(xp, h, w_hh, b_hn, *, reset_after: bool, compute_dtype):
 
     if reset_after:
         hp = mm(h, w_hh)
-        rz = jax.nn.sigmoid(xp[..., : 2 * hidden] + hp[..., : 2 * hidden])
+        rz = _sigmoid(xp[..., : 2 * hidden] + hp[..., : 2 * hidden])
         r, z = rz[..., :hidden], rz[..., hidden:]
         hn = hp[..., 2 * hidden :]
         if b_hn is not None:
             hn = hn + b_hn
         n = jnp.tanh(xp[..., 2 * hidden :] + r * hn)
     else:
-        rz = jax.nn.sigmoid(xp[..., : 2 * hidden] + mm(h, w_hh[..., : 2 * hidden]))
+        rz = _sigmoid(xp[..., : 2 * hidden] + mm(h, w_hh[..., : 2 * hidden]))
         r, z = rz[..., :hidden], rz[..., hidden:]
         n = jnp.tanh(xp[..., 2 * hidden :] + mm(r * h, w_hh[..., 2 * hidden :]))
     # (1 - z) * n + z * h, with one multiply fewer.
@@ -381,8 +394,8 @@ def _plus(a, b):
 def _gates(x_r, x_z, x_n, hp, h, biases):
     """``r, z, n, hn`` and the new state of the reset-after cell (``hp``: ``h @ W_g``)."""
     b_r, b_z, b_n, b_hn = biases
-    r = jax.nn.sigmoid(_plus(x_r + hp[0], b_r))
-    z = jax.nn.sigmoid(_plus(x_z + hp[1], b_z))
+    r = _sigmoid(_plus(x_r + hp[0], b_r))
+    z = _sigmoid(_plus(x_z + hp[1], b_z))
     hn = _plus(hp[2], b_hn)
     n = jnp.tanh(_plus(x_n, b_n) + r * hn)
     return r, z, n, hn, n + z * (h - n)
