@@ -316,6 +316,7 @@ def plot_vs_steps(rows: Sequence[Row], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -336,6 +337,10 @@ def plot_vs_steps(rows: Sequence[Row], path: Path) -> bool:
             ylabel="median ms",
             title=f"{title}, B={cfg.batch} D={cfg.features} H={cfg.hidden}",
         )
+        # Ticks at the measured T only: matplotlib's minor log labels overlap on a short axis.
+        steps = sorted({r.config.steps for r in rows})
+        ax.set_xticks(steps, [str(t) for t in steps])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=100)
