@@ -149,3 +149,35 @@ def test_sweep_reuses_rows_of_the_same_shape():
     assert [r.config.steps for r in rows] == [3, 6]
     assert (rows[1].forward, rows[1].train) == (123.0, 456.0)
     assert 0 < rows[0].forward < 100 and 0 < rows[0].train < 100
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_BI], ids=lambda c: c.name)
+def test_bfloat16_mode_runs_every_peer_in_bfloat16(config):
+    """``dtype="bfloat16"``: every peer's output moves off the float32 one by a bfloat16
+    rounding's worth (so the mode took effect), stays close to it, and gru_jax's (float32
+    carry and gate math) is the closest; the train steps run and give finite gradients."""
+    case = _peers.make_case(config, seed=1, dtype="bfloat16")
+    impls = {"ours": _peers.build_ours(case), **_available(case)}
+    errors = _harness.output_errors(case, impls)
+    assert set(errors) == set(impls)
+    for key, err in errors.items():
+        assert 1e-4 < err < 5e-2, (key, err)
+    assert errors["ours"] == min(errors.values())
+    for key, impl in impls.items():
+        # torch's gradients are bfloat16 tensors, which NumPy cannot take as they are.
+        leaves = [
+            np.asarray(g.float() if hasattr(g, "float") else g, np.float32)
+            for g in jax.tree.leaves(impl.train_step())
+        ]
+        assert leaves and all(np.isfinite(g).all() for g in leaves), key
+
+
+def test_bfloat16_run_reports_errors(tmp_path):
+    plan = bench.Plan(configs=[TINY], reps=7, peers=["flax"], matmul_n=256, dtype="bfloat16")
+    md = bench.run(plan, tmp_path, command="pytest", log=lambda s: None)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["dtype"] == "bfloat16"
+    errors = [r["error"] for r in payload["rows"]]
+    assert len(errors) == 2 and all(1e-4 < e < 5e-2 for e in errors)
+    assert "## Peers (bfloat16)" in md and "max abs error |" in md
+    assert f"| {errors[0]:.1e} |" in md

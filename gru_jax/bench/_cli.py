@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gru_jax.bench import _harness as h
-from gru_jax.bench._peers import PEERS, Config
+from gru_jax.bench._peers import DTYPES, PEERS, Config
 
 # The last T of each sweep is the long config's (B16 D128 H256): its rows are reused.
 SWEEP_STEPS = (32, 128, 512, 2048)
@@ -34,6 +34,9 @@ class Plan:
     compile_layers: Sequence[int] = ()
     memory_configs: Sequence[Config] = ()
     matmul_n: int = 2048
+    # "bfloat16": every implementation in its bfloat16 mode (``_peers.DTYPES``); the T sweep,
+    # compile time and memory are float32 figures, left to a float32 run.
+    dtype: str = "float32"
 
 
 def plan(quick: bool, reps: int | None = None, peers: Sequence[str] | None = None) -> Plan:
@@ -62,12 +65,12 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     info = h.machine()
     log(f"machine: {info.get('cpu')}, {info.get('cores')} cores; load {load_before}")
 
-    rates = h.matmul_rates(p.matmul_n, torch="torch" in p.peers)
+    rates = h.matmul_rates(p.matmul_n, torch="torch" in p.peers, dtype=p.dtype)
     rate = rates["jax"]
-    log(f"matmul rate ({p.matmul_n}^3): " + _rates_text(rates))
+    log(f"{p.dtype} matmul rate ({p.matmul_n}^3): " + _rates_text(rates))
 
-    log(f"peers on {len(p.configs)} configs, {p.reps} interleaved reps:")
-    rows = h.compare(p.configs, p.peers, p.reps, notes=notes, log=log)
+    log(f"peers on {len(p.configs)} configs, {p.reps} interleaved reps, {p.dtype}:")
+    rows = h.compare(p.configs, p.peers, p.reps, notes=notes, log=log, dtype=p.dtype)
 
     sweep_rows = []
     if p.sweep_steps:
@@ -105,6 +108,7 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
         {
             "machine": info,
             "command": command,
+            "dtype": p.dtype,
             "load_average": [load_before, load_after],
             "matmul_flops_per_s": rate,
             "torch_matmul_flops_per_s": rates.get("torch"),
@@ -118,6 +122,17 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
         },
     )
     return md
+
+
+_BF16_TEXT = [
+    "Each implementation runs its own bfloat16 mode: gru_jax `dtype=jnp.bfloat16` (bfloat16 "
+    "matmul inputs; float32 params, carry and gate math), flax `GRUCell(dtype=jnp.bfloat16)` "
+    "(float32 params), Keras's `mixed_bfloat16` policy, torch's module and input cast to "
+    "bfloat16 (bfloat16 params and state: `torch.autocast` on CPU leaves `nn.GRU` in "
+    "float32). Max abs error: the largest difference from gru_jax's float32 output at valid "
+    "steps.",
+    "",
+]
 
 
 def _rates_text(rates: dict[str, float]) -> str:
@@ -137,19 +152,20 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         f"torch {info.get('torch')}, keras {info.get('keras')}",
         f"- command: `{command}`" if command else "- command: (library call)",
         f"- load average (1/5/15 min) before: {loads[0]}; after: {loads[1]}",
-        f"- float32 matmul rate ({p.matmul_n}x{p.matmul_n}, interleaved): {_rates_text(rates)}"
-        " (the FLOP floor uses jnp.dot's)",
+        f"- {p.dtype} matmul rate ({p.matmul_n}x{p.matmul_n}, interleaved): "
+        f"{_rates_text(rates)} (the FLOP floor uses jnp.dot's)",
         f"- timing: warm-up 2 calls, then the median of {p.reps} interleaved repetitions "
         "(every implementation once per round, order rotated); fwd+bwd = gradient of "
         "mean(output**2) over valid steps w.r.t. all parameters; wall time of the whole run "
         f"{elapsed:.0f} s",
         "",
-        "## Peers",
+        "## Peers" + (" (bfloat16)" if p.dtype == "bfloat16" else ""),
         "",
         "Ratios are peer time / gru_jax time: above 1.00x gru_jax is faster. The FLOP floor is "
         "the forward matmul FLOPs `sum over layers, directions of 2*B*T*3H*(D_l+H)` at the "
         "measured matmul rate.",
         "",
+        *(_BF16_TEXT if p.dtype == "bfloat16" else []),
         h.peer_table(rows, rate),
         "",
         "### FLOP floor",
@@ -232,6 +248,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-extras", action="store_true", help="skip the T sweep, compile time and memory"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="bfloat16: the peer comparison in each library's bfloat16 mode, with each "
+        "one's output error (implies --no-extras)",
+    )
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 7:
         parser.error("--reps must be >= 7 (the report is a median of at least 7)")
@@ -245,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.configs = [c for c in p.configs if c.name in wanted]
         if not p.configs:
             parser.error(f"no config named {wanted}")
-    if args.no_extras:
+    p.dtype = args.dtype
+    if args.no_extras or args.dtype != "float32":
         p.sweep_steps, p.compile_steps, p.compile_layers, p.memory_configs = (), (), (), ()
     command = "python -m gru_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     md = run(p, args.out, command.strip())

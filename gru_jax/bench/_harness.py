@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -87,17 +88,22 @@ def matmul_rate(n: int = 2048, reps: int = 7) -> float:
     return matmul_rates(n, reps, torch=False)["jax"]
 
 
-def matmul_rates(n: int = 2048, reps: int = 7, torch: bool = True) -> dict[str, float]:
-    """FLOP/s of a float32 ``(n, n) @ (n, n)`` product, median of ``reps`` interleaved runs.
+def matmul_rates(
+    n: int = 2048, reps: int = 7, torch: bool = True, dtype: str = "float32"
+) -> dict[str, float]:
+    """FLOP/s of an ``(n, n) @ (n, n)`` product, median of ``reps`` interleaved runs.
 
     ``"jax"``: ``jnp.dot`` under ``jit`` (XLA's own dot, the rate the FLOP floor uses);
     ``"torch"``: ``torch.matmul`` on the torch peer's threads, when torch imports. The two
     side by side say how much of a gap to torch is the matmul library rather than the
-    GRU around it.
+    GRU around it. ``dtype="bfloat16"``: bfloat16 operands, float32 accumulation for
+    ``jnp.dot`` (gru_jax's ``dtype=jnp.bfloat16`` matmuls), a bfloat16 result for torch.
     """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
+    if dtype == "bfloat16":
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
     fns = {"jax": lambda: f(a, b).block_until_ready()}
     if torch:
         try:
@@ -106,7 +112,9 @@ def matmul_rates(n: int = 2048, reps: int = 7, torch: bool = True) -> dict[str, 
             pass
         else:
             th.set_num_threads(_peers.torch_threads())
-            ta, tb = th.from_numpy(np.array(a)), th.from_numpy(np.array(b))
+            ta, tb = (th.from_numpy(np.array(v, np.float32)) for v in (a, b))
+            if dtype == "bfloat16":
+                ta, tb = ta.bfloat16(), tb.bfloat16()
             fns["torch"] = lambda: th.matmul(ta, tb)
     times = time_interleaved(fns, reps)
     return {name: 2.0 * n**3 / statistics.median(t) for name, t in times.items()}
@@ -126,6 +134,7 @@ class Row:
     forward: float | None
     train: float | None
     note: str = ""
+    error: float | None = None  # max |output - gru_jax's float32 output|, bfloat16 runs only
 
 
 def build_impls(
@@ -143,6 +152,21 @@ def build_impls(
     return impls
 
 
+def output_errors(case: Case, impls: dict[str, Impl]) -> dict[str, float]:
+    """Per implementation, the largest ``|output - reference|`` over valid steps, where the
+    reference is gru_jax's float32 output on the same weights and inputs."""
+    ref_case = dataclasses.replace(case, dtype="float32")
+    ref = np.asarray(_peers.build_ours(ref_case).forward(), np.float32)
+    cfg = case.config
+    valid = np.ones((cfg.batch, cfg.steps), bool)
+    if case.lengths is not None:
+        valid = np.arange(cfg.steps)[None, :] < case.lengths[:, None]
+    return {
+        name: float(np.max(np.abs(np.asarray(impl.forward(), np.float32)[valid] - ref[valid])))
+        for name, impl in impls.items()
+    }
+
+
 def compare(
     configs: Sequence[Config],
     peers: Sequence[str],
@@ -150,12 +174,18 @@ def compare(
     *,
     notes: list[str],
     log: Callable[[str], None] = print,
+    dtype: str = "float32",
 ) -> list[Row]:
-    """Forward and forward+backward medians of ours and the peers on every config."""
+    """Forward and forward+backward medians of ours and the peers on every config.
+
+    ``dtype="bfloat16"`` runs every implementation in its bfloat16 mode (see
+    ``_peers.DTYPES``) and records each one's :func:`output_errors`.
+    """
     rows: list[Row] = []
     for cfg in configs:
-        case = _peers.make_case(cfg)
+        case = _peers.make_case(cfg, dtype=dtype)
         impls = build_impls(case, peers, notes)
+        errors = output_errors(case, impls) if case.bf16 else {}
         fwd = time_interleaved({n: i.forward for n, i in impls.items()}, reps)
         train = time_interleaved({n: i.train_step for n, i in impls.items()}, reps)
         for name, impl in impls.items():
@@ -166,6 +196,7 @@ def compare(
                     statistics.median(fwd[name]),
                     statistics.median(train[name]),
                     impl.note,
+                    errors.get(name),
                 )
             )
         ours = rows[-len(impls)]
@@ -274,13 +305,19 @@ def _ratio(peer: float | None, ours: float | None) -> str:
     return f"{peer / ours:.2f}x"
 
 
+def _error(e: float | None) -> str:
+    return "n/a" if e is None else f"{e:.1e}"
+
+
 def peer_table(rows: Sequence[Row], rate: float | None) -> str:
-    """Markdown: per config and implementation, medians and ratios to ours (>1: ours faster)."""
+    """Markdown: per config and implementation, medians and ratios to ours (>1: ours faster),
+    and each row's output error when the rows have one (bfloat16 runs)."""
+    errors = any(r.error is not None for r in rows)
     head = (
         "| config | implementation | forward ms | vs gru_jax | fwd+bwd ms | vs gru_jax "
-        "| forward / FLOP floor |\n|---|---|---:|---:|---:|---:|---:|"
+        "| forward / FLOP floor |" + (" max abs error |" if errors else "")
     )
-    lines = [head]
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if errors else "")]
     by_cfg: dict[str, list[Row]] = {}
     for row in rows:
         by_cfg.setdefault(row.config.name, []).append(row)
@@ -293,7 +330,7 @@ def peer_table(rows: Sequence[Row], rate: float | None) -> str:
             lines.append(
                 f"| {cfg} | {name} | {_ms(r.forward)} | {_ratio(r.forward, ours.forward)} "
                 f"| {_ms(r.train)} | {_ratio(r.train, ours.train)} "
-                f"| {_ratio(r.forward, floor)} |"
+                f"| {_ratio(r.forward, floor)} |" + (f" {_error(r.error)} |" if errors else "")
             )
     return "\n".join(lines)
 

@@ -9,6 +9,10 @@ the result is ready and return it. ``forward()`` returns the output sequence
 ``train_step()`` is the gradient of the loss ``mean(output ** 2)`` (over valid steps) with
 respect to every parameter (not the input), as a training step would compute it.
 
+A case's ``dtype`` is ``"float32"`` or ``"bfloat16"``: with the latter every implementation
+runs its own bfloat16 mode (see :data:`DTYPES`), and ``forward()`` returns float32 all the
+same.
+
 A builder raises :class:`Unavailable` when its library is missing or cannot run the case.
 """
 
@@ -76,18 +80,39 @@ class Config:
         return s
 
 
+# The precisions a case can run in. "bfloat16" is each library's own bfloat16 recipe, as a
+# user would pick it: gru_jax ``dtype=jnp.bfloat16`` (bfloat16 matmul inputs, float32
+# params, carry and gate math); flax ``GRUCell(dtype=jnp.bfloat16)`` (float32 params);
+# Keras's ``"mixed_bfloat16"`` policy; torch's module and input cast to bfloat16 (params and
+# state in bfloat16: ``torch.autocast`` on CPU leaves ``nn.GRU`` in float32).
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass
 class Case:
-    """A config with its data: our params tree and NumPy inputs shared by every peer."""
+    """A config with its data: our params tree and NumPy inputs shared by every peer.
+
+    ``dtype``: one of :data:`DTYPES`, the precision every implementation computes in.
+    """
 
     config: Config
     params: dict
     x: np.ndarray
     lengths: np.ndarray | None
+    dtype: str = "float32"
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
 
 
-def make_case(config: Config, seed: int = 0) -> Case:
-    """Draws params (torch's default init) and inputs; lengths in ``[T/4, T]``, max ``T``."""
+def make_case(config: Config, seed: int = 0, dtype: str = "float32") -> Case:
+    """Draws params (torch's default init) and inputs; lengths in ``[T/4, T]``, max ``T``.
+
+    The params and inputs are float32 whatever ``dtype`` (see :data:`DTYPES`) says.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
     key = jax.random.key(seed)
     params = gru_jax.init_gru(
         key,
@@ -104,7 +129,7 @@ def make_case(config: Config, seed: int = 0) -> Case:
         lengths = rng.integers(max(1, config.steps // 4), config.steps + 1, config.batch)
         lengths[0] = config.steps
         lengths = lengths.astype(np.int32)
-    return Case(config, params, x, lengths)
+    return Case(config, params, x, lengths, dtype)
 
 
 @dataclasses.dataclass
@@ -166,6 +191,8 @@ def _loss(out, weights):
 def build_ours(case: Case, **options) -> Impl:
     """gru_jax's linen ``GRU`` under ``jax.jit``; ``options`` go to the module (``remat`` ...)."""
     cfg = case.config
+    if case.bf16:
+        options = {"dtype": jnp.bfloat16, **options}
     model = gru_jax.GRU(
         hidden_size=cfg.hidden,
         num_layers=cfg.layers,
@@ -229,15 +256,17 @@ def build_flax(case: Case) -> Impl:
     except ImportError as e:  # pragma: no cover - flax is a dependency
         raise Unavailable(f"flax not importable: {e}") from e
     cfg = case.config
+    # bfloat16 matmul inputs and gate math, float32 params (flax's mixed precision).
+    cell_dtype = jnp.bfloat16 if case.bf16 else None
 
     class FlaxStack(nn.Module):
         @nn.compact
         def __call__(self, x, seq_lengths=None):
             for i in range(cfg.layers):
                 # Cells named explicitly: their params sit at the top level, "l{i}_d{k}".
-                fwd = nn.RNN(nn.GRUCell(cfg.hidden, name=f"l{i}_d0"))
+                fwd = nn.RNN(nn.GRUCell(cfg.hidden, dtype=cell_dtype, name=f"l{i}_d0"))
                 if cfg.bidirectional:
-                    cell = nn.GRUCell(cfg.hidden, name=f"l{i}_d1")
+                    cell = nn.GRUCell(cfg.hidden, dtype=cell_dtype, name=f"l{i}_d1")
                     bwd = nn.RNN(cell, reverse=True, keep_order=True)
                     x = nn.Bidirectional(fwd, bwd)(x, seq_lengths=seq_lengths)
                 else:
@@ -256,7 +285,7 @@ def build_flax(case: Case) -> Impl:
     lengths = None if case.lengths is None else jnp.asarray(case.lengths)
 
     def apply(v, x, lengths):
-        return model.apply(v, x, seq_lengths=lengths)
+        return model.apply(v, x, seq_lengths=lengths).astype(jnp.float32)
 
     fwd = jax.jit(apply)
     weights = jnp.asarray(loss_weights(case))
@@ -296,8 +325,10 @@ def build_keras(case: Case) -> Impl:
     cfg = case.config
     hidden = cfg.hidden
     layers, variables, frozen = [], [], []
+    policy = "mixed_bfloat16" if case.bf16 else None
     for i, d_in in enumerate(cfg.layer_inputs()):
-        base = keras.layers.GRU(hidden, return_sequences=True, reset_after=True)
+        base = keras.layers.GRU(hidden, return_sequences=True, reset_after=True, dtype=policy)
+        compute = base.compute_dtype
         layer = keras.layers.Bidirectional(base) if cfg.bidirectional else base
         layer.build((cfg.batch, cfg.steps, d_in))
         lp = case.params[f"layer_{i}"]
@@ -329,8 +360,17 @@ def build_keras(case: Case) -> Impl:
 
     def apply(tv, x, mask):
         for layer, layer_vars, layer_frozen in zip(layers, tv, frozen, strict=True):
-            x, _ = layer.stateless_call(layer_vars, layer_frozen, x, mask=mask)
-        return x
+            if policy:
+                # A layer's stateless_call runs its call() without what Layer.__call__ (and
+                # so a Model's stateless_call) does for a mixed policy: cast the inputs and
+                # read the variables in the compute dtype.
+                with keras.src.backend.AutocastScope(compute):
+                    x, _ = layer.stateless_call(
+                        layer_vars, layer_frozen, x.astype(compute), mask=mask
+                    )
+            else:
+                x, _ = layer.stateless_call(layer_vars, layer_frozen, x, mask=mask)
+        return x.astype(jnp.float32)
 
     fwd = jax.jit(apply)
     weights = jnp.asarray(loss_weights(case))
@@ -395,8 +435,9 @@ def build_torch(case: Case) -> Impl:
                         if transpose
                         else torch.from_numpy(value.copy())
                     )
-    model = model.to(device)
-    x = torch.from_numpy(case.x).to(device)
+    dtype = torch.bfloat16 if case.bf16 else torch.float32
+    model = model.to(device, dtype)
+    x = torch.from_numpy(case.x).to(device, dtype)
     lengths = None if case.lengths is None else torch.from_numpy(case.lengths.astype(np.int64))
     params = list(model.parameters())
     weights = torch.from_numpy(loss_weights(case)).to(device)
@@ -417,14 +458,17 @@ def build_torch(case: Case) -> Impl:
         )
         return out
 
+    def run_f32():
+        return run().float()
+
     def forward():
         with torch.inference_mode():
-            out = run()
+            out = run_f32()
         sync()
         return out.cpu().numpy() if on_gpu else out.numpy()
 
     def train_step():
-        loss = (run().square() * weights).sum()
+        loss = (run_f32().square() * weights).sum()
         grads = torch.autograd.grad(loss, params)
         sync()
         return grads
@@ -434,7 +478,9 @@ def build_torch(case: Case) -> Impl:
         f"torch {torch.__version__.split('+')[0]} nn.GRU",
         forward,
         train_step,
-        note=threads + (", packed sequences" if lengths is not None else ""),
+        note=threads
+        + (", packed sequences" if lengths is not None else "")
+        + (", bfloat16 params and state" if case.bf16 else ""),
     )
 
 
