@@ -13,7 +13,9 @@ all with the same weights and inputs, repetitions interleaved, medians reported 
 ratio to gru_jax. It also measures the float32 matmul rate (the FLOP floor of each config),
 time vs ``T`` (plotted), compile time vs ``T`` and vs the number of layers, and XLA's memory
 figure of the backward pass with and without ``remat``. Peers that are not installed are
-skipped with a note.
+skipped with a note. ``--dtype bfloat16`` runs the peer comparison with every
+implementation in its own bfloat16 mode and reports each one's error against gru_jax's
+float32 output.
 """
 
 from gru_jax.bench._cli import Plan, main, plan, run
