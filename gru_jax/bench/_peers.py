@@ -326,6 +326,8 @@ def build_keras(case: Case) -> Impl:
     hidden = cfg.hidden
     layers, variables, frozen = [], [], []
     policy = "mixed_bfloat16" if case.bf16 else None
+    if policy and not hasattr(keras.src.backend, "AutocastScope"):
+        raise Unavailable("this Keras has no keras.src.backend.AutocastScope (see apply below)")
     for i, d_in in enumerate(cfg.layer_inputs()):
         base = keras.layers.GRU(hidden, return_sequences=True, reset_after=True, dtype=policy)
         compute = base.compute_dtype
