@@ -22,13 +22,6 @@ TINY = _peers.Config("tiny", 3, 6, 5, 4)
 TINY_BI = _peers.Config("tiny-bi", 4, 7, 3, 4, layers=2, bidirectional=True, variable_lengths=True)
 
 
-def _valid(case):
-    cfg = case.config
-    if case.lengths is None:
-        return np.ones((cfg.batch, cfg.steps), bool)
-    return np.arange(cfg.steps)[None, :] < case.lengths[:, None]
-
-
 def _available(case):
     impls = {}
     for key, build in _peers.PEERS.items():
@@ -47,7 +40,7 @@ def test_peers_compute_the_same_function(config):
     ours_impl = _peers.build_ours(case)
     ours = np.asarray(ours_impl.forward())
     assert ours.shape == (config.batch, config.steps, config.directions * config.hidden)
-    valid = _valid(case)
+    valid = case.valid_steps()
     impls = _available(case)
     assert "flax" in impls  # flax is a dependency of gru_jax
     for key, impl in impls.items():

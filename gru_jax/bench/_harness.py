@@ -157,10 +157,7 @@ def output_errors(case: Case, impls: dict[str, Impl]) -> dict[str, float]:
     reference is gru_jax's float32 output on the same weights and inputs."""
     ref_case = dataclasses.replace(case, dtype="float32")
     ref = np.asarray(_peers.build_ours(ref_case).forward(), np.float32)
-    cfg = case.config
-    valid = np.ones((cfg.batch, cfg.steps), bool)
-    if case.lengths is not None:
-        valid = np.arange(cfg.steps)[None, :] < case.lengths[:, None]
+    valid = case.valid_steps()
     return {
         name: float(np.max(np.abs(np.asarray(impl.forward(), np.float32)[valid] - ref[valid])))
         for name, impl in impls.items()

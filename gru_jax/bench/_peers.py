@@ -105,6 +105,13 @@ class Case:
     def bf16(self) -> bool:
         return self.dtype == "bfloat16"
 
+    def valid_steps(self) -> np.ndarray:
+        """``bool[B, T]``: True at the steps within each sequence's length."""
+        cfg = self.config
+        if self.lengths is None:
+            return np.ones((cfg.batch, cfg.steps), bool)
+        return np.arange(cfg.steps)[None, :] < self.lengths[:, None]
+
 
 def make_case(config: Config, seed: int = 0, dtype: str = "float32") -> Case:
     """Draws params (torch's default init) and inputs; lengths in ``[T/4, T]``, max ``T``.
@@ -170,10 +177,7 @@ def _lenient(fn: Callable[[], Any]) -> Callable[[], Any]:
 def loss_weights(case: Case) -> np.ndarray:
     """``(B, T, 1)`` float32 weights of the loss: ``1 / (number of valid steps)`` at valid
     steps, 0 at padded ones (peers differ in what they output there)."""
-    cfg = case.config
-    valid = np.ones((cfg.batch, cfg.steps), bool)
-    if case.lengths is not None:
-        valid = np.arange(cfg.steps)[None, :] < case.lengths[:, None]
+    valid = case.valid_steps()
     w = valid / max(1, int(valid.sum()))
     return w[..., None].astype(np.float32)
 
@@ -328,9 +332,9 @@ def build_keras(case: Case) -> Impl:
     policy = "mixed_bfloat16" if case.bf16 else None
     if policy and not hasattr(keras.src.backend, "AutocastScope"):
         raise Unavailable("this Keras has no keras.src.backend.AutocastScope (see apply below)")
+    compute = keras.DTypePolicy(policy).compute_dtype if policy else None
     for i, d_in in enumerate(cfg.layer_inputs()):
         base = keras.layers.GRU(hidden, return_sequences=True, reset_after=True, dtype=policy)
-        compute = base.compute_dtype
         layer = keras.layers.Bidirectional(base) if cfg.bidirectional else base
         layer.build((cfg.batch, cfg.steps, d_in))
         lp = case.params[f"layer_{i}"]
@@ -358,7 +362,7 @@ def build_keras(case: Case) -> Impl:
     x = jnp.asarray(case.x)
     mask = None
     if case.lengths is not None:
-        mask = jnp.asarray(np.arange(cfg.steps)[None, :] < case.lengths[:, None])
+        mask = jnp.asarray(case.valid_steps())
 
     def apply(tv, x, mask):
         for layer, layer_vars, layer_frozen in zip(layers, tv, frozen, strict=True):
