@@ -365,16 +365,14 @@ def build_keras(case: Case) -> Impl:
         mask = jnp.asarray(case.valid_steps())
 
     def apply(tv, x, mask):
-        for layer, layer_vars, layer_frozen in zip(layers, tv, frozen, strict=True):
-            if policy:
-                # A layer's stateless_call runs its call() without what Layer.__call__ (and
-                # so a Model's stateless_call) does for a mixed policy: cast the inputs and
-                # read the variables in the compute dtype.
-                with keras.src.backend.AutocastScope(compute):
-                    x, _ = layer.stateless_call(
-                        layer_vars, layer_frozen, x.astype(compute), mask=mask
-                    )
-            else:
+        # A layer's stateless_call runs its call() without what Layer.__call__ (and so a
+        # Model's stateless_call) does for a mixed policy: cast the inputs and read the
+        # variables in the compute dtype. The scope and the one cast of x do that here.
+        scope = keras.src.backend.AutocastScope(compute) if policy else contextlib.nullcontext()
+        with scope:
+            if compute is not None:
+                x = x.astype(compute)
+            for layer, layer_vars, layer_frozen in zip(layers, tv, frozen, strict=True):
                 x, _ = layer.stateless_call(layer_vars, layer_frozen, x, mask=mask)
         return x.astype(jnp.float32)
 
