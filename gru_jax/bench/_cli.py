@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gru_jax.bench import _harness as h
-from gru_jax.bench._peers import DTYPES, PEERS, Config
+from gru_jax.bench._peers import BFLOAT16_RECIPES, DTYPES, PEERS, Config
 
 # The last T of each sweep is the long config's (B16 D128 H256): its rows are reused.
 SWEEP_STEPS = (32, 128, 512, 2048)
@@ -129,12 +129,8 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
 
 
 _BF16_TEXT = [
-    "Each implementation runs its own bfloat16 mode: gru_jax `dtype=jnp.bfloat16` (bfloat16 "
-    "matmul inputs; float32 params, carry and gate math), flax `GRUCell(dtype=jnp.bfloat16)` "
-    "(float32 params), Keras's `mixed_bfloat16` policy, torch's module and input cast to "
-    "bfloat16 (bfloat16 params and state: `torch.autocast` on CPU leaves `nn.GRU` in "
-    "float32). Max abs error: the largest difference from gru_jax's float32 output at valid "
-    "steps.",
+    BFLOAT16_RECIPES + " Max abs error: the largest difference from gru_jax's float32 output "
+    "at valid steps.",
     "",
 ]
 

@@ -80,12 +80,16 @@ class Config:
         return s
 
 
-# The precisions a case can run in. "bfloat16" is each library's own bfloat16 recipe, as a
-# user would pick it: gru_jax ``dtype=jnp.bfloat16`` (bfloat16 matmul inputs, float32
-# params, carry and gate math); flax ``GRUCell(dtype=jnp.bfloat16)`` (float32 params);
-# Keras's ``"mixed_bfloat16"`` policy; torch's module and input cast to bfloat16 (params and
-# state in bfloat16: ``torch.autocast`` on CPU leaves ``nn.GRU`` in float32).
+# The precisions a case can run in; "bfloat16" is each library's own bfloat16 recipe, as a
+# user would pick it, described (also for the report) by BFLOAT16_RECIPES.
 DTYPES = ("float32", "bfloat16")
+BFLOAT16_RECIPES = (
+    "Each implementation runs its own bfloat16 mode: gru_jax `dtype=jnp.bfloat16` (bfloat16 "
+    "matmul inputs; float32 params, carry and gate math), flax `GRUCell(dtype=jnp.bfloat16)` "
+    "(float32 params), Keras's `mixed_bfloat16` policy, torch's module and input cast to "
+    "bfloat16 (bfloat16 params and state: `torch.autocast` on CPU leaves `nn.GRU` in "
+    "float32)."
+)
 
 
 @dataclasses.dataclass
