@@ -38,6 +38,12 @@ class Plan:
     # compile time and memory are float32 figures, left to a float32 run.
     dtype: str = "float32"
 
+    def without_extras(self) -> Plan:
+        """This plan without the T sweep, compile time and memory (gru_jax float32 figures)."""
+        return dataclasses.replace(
+            self, sweep_steps=(), compile_steps=(), compile_layers=(), memory_configs=()
+        )
+
 
 def plan(quick: bool, reps: int | None = None, peers: Sequence[str] | None = None) -> Plan:
     configs = h.QUICK_CONFIGS if quick else h.CONFIGS
@@ -59,9 +65,7 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     """
     log = log or functools.partial(print, flush=True)
     if p.dtype != "float32":  # the extras measure gru_jax in float32 only
-        p = dataclasses.replace(
-            p, sweep_steps=(), compile_steps=(), compile_layers=(), memory_configs=()
-        )
+        p = p.without_extras()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     notes: list[str] = []
@@ -270,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"no config named {wanted}")
     p.dtype = args.dtype
     if args.no_extras:
-        p.sweep_steps, p.compile_steps, p.compile_layers, p.memory_configs = (), (), (), ()
+        p = p.without_extras()
     command = "python -m gru_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     md = run(p, args.out, command.strip())
     print()
