@@ -210,7 +210,10 @@ def test_remat_gradients_equal(steps, batch_first, bidirectional=True, reset_aft
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     v0, g0 = grad(params, x, h0, False)
     v1, g1 = grad(params, x, h0, True)
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    # In chunks the remat forward is another loop (it projects chunk by chunk), whose states
+    # may differ from the plain loop's in the last bit; the loss sums 9,000 products of them
+    # (measured: 1.3e-6 relative with jax 0.10.0).
+    np.testing.assert_allclose(v1, v0, rtol=1e-6 if steps == 7 else 1e-5)
     flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
     assert len(flat0) == len(flat1) == num_layers * 4 + 2
     for a, b in zip(flat1, flat0, strict=True):
