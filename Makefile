@@ -7,11 +7,18 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-oldest lint format bench clean
 
+# $(call venv,DIR,EXTRA_PIP_ARGS): DIR/bin/python with this package, editable, and its
+# dev and demo extras.
+define venv
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet -e '.[dev,demo]' $(2)
+	@touch $(1)/.installed-stamp
+endef
+PYTEST := -m pytest -q -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
+
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,demo]'
-	@touch $(STAMP)
+	$(call venv,$(VENV),)
 
 setup: $(STAMP)
 
@@ -19,22 +26,18 @@ demo: $(STAMP)
 	$(PY) -m gru_jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
+	$(PY) $(PYTEST)
 
 # The whole suite against the oldest supported versions (pyproject.toml's lower bounds,
-# pinned in tests/oldest-deps.txt), in a venv of its own. Not part of `make test`.
+# pinned in tests/oldest-deps.txt), in a venv of its own; CI runs it after `make test`.
 OLDEST_VENV ?= .venv-oldest
-OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
 
 $(OLDEST_STAMP): pyproject.toml tests/oldest-deps.txt
-	@test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_PY) -m pip install --quiet --upgrade pip
-	$(OLDEST_PY) -m pip install --quiet -e '.[dev,demo]' -c tests/oldest-deps.txt
-	@touch $(OLDEST_STAMP)
+	$(call venv,$(OLDEST_VENV),-c tests/oldest-deps.txt)
 
 test-oldest: $(OLDEST_STAMP)
-	$(OLDEST_PY) -m pytest -q -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
+	$(OLDEST_VENV)/bin/python $(PYTEST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
