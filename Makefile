@@ -7,13 +7,13 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-oldest lint format bench clean
 
-# $(call venv,DIR,EXTRA_PIP_ARGS): DIR/bin/python with this package, editable, and its
-# dev and demo extras.
+# $(call venv,DIR,EXTRA_PIP_ARGS), the recipe of a venv's stamp file: DIR/bin/python with
+# this package, editable, and its dev and demo extras.
 define venv
 	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
 	$(1)/bin/python -m pip install --quiet -e '.[dev,demo]' $(2)
-	@touch $(1)/.installed-stamp
+	@touch $@
 endef
 PYTEST := -m pytest -q -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
 
