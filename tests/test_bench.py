@@ -22,6 +22,21 @@ TINY = _peers.Config("tiny", 3, 6, 5, 4)
 TINY_BI = _peers.Config("tiny-bi", 4, 7, 3, 4, layers=2, bidirectional=True, variable_lengths=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _exact_torch_float32():
+    """Exact float32 in torch's cuDNN GRU too, which on a GPU rounds its matmuls to TF32 by
+    default (``tests/conftest.py`` does the same for JAX); nothing changes on the CPU."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def _available(case):
     impls = {}
     for key, build in _peers.PEERS.items():
@@ -38,13 +53,13 @@ def test_peers_compute_the_same_function(config):
     and torch's weight gradients of the same loss equal ours."""
     case = _peers.make_case(config, seed=1)
     ours_impl = _peers.build_ours(case)
-    ours = np.asarray(ours_impl.forward())
+    ours = _peers.as_numpy(ours_impl.forward())
     assert ours.shape == (config.batch, config.steps, config.directions * config.hidden)
     valid = case.valid_steps()
     impls = _available(case)
     assert "flax" in impls  # flax is a dependency of gru_jax
     for key, impl in impls.items():
-        theirs = np.asarray(impl.forward())
+        theirs = _peers.as_numpy(impl.forward())
         np.testing.assert_allclose(theirs[valid], ours[valid], rtol=1e-5, atol=1e-5, err_msg=key)
 
     grads = ours_impl.train_step()["params"]

@@ -132,11 +132,11 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
     return md
 
 
-_BF16_TEXT = [
-    BFLOAT16_RECIPES + " Max abs error: the largest difference from gru_jax's float32 output "
-    "at valid steps.",
-    "",
-]
+_ERROR_TEXT = (
+    "Max abs error: the largest difference from gru_jax's float32 output, computed on the "
+    "CPU, at valid steps."
+)
+_BF16_TEXT = [BFLOAT16_RECIPES + " " + _ERROR_TEXT, ""]
 
 
 def _rates_text(rates: dict[str, float]) -> str:
@@ -151,7 +151,8 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         "# gru_jax benchmark",
         "",
         f"- machine: {info.get('cpu')}, {info.get('cores')} cores, "
-        f"{info.get('memory_gib', '?')} GiB; backend {info.get('backend')}",
+        f"{info.get('memory_gib', '?')} GiB; backend {info.get('backend')}"
+        + (f" ({info.get('device_kind')})" if info.get("backend") != "cpu" else ""),
         f"- versions: python {info['python']}, jax {info['jax']}, flax {info.get('flax')}, "
         f"torch {info.get('torch')}, keras {info.get('keras')}",
         f"- command: `{command}`" if command else "- command: (library call)",
@@ -170,6 +171,7 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         "measured matmul rate.",
         "",
         *(_BF16_TEXT if p.dtype == "bfloat16" else []),
+        *([_ERROR_TEXT, ""] if p.dtype != "bfloat16" and info.get("backend") != "cpu" else []),
         h.peer_table(rows, rate),
         "",
         "### FLOP floor",

@@ -94,10 +94,11 @@ def matmul_rates(
     """FLOP/s of an ``(n, n) @ (n, n)`` product, median of ``reps`` interleaved runs.
 
     ``"jax"``: ``jnp.dot`` under ``jit`` (XLA's own dot, the rate the FLOP floor uses);
-    ``"torch"``: ``torch.matmul`` on the torch peer's threads, when torch imports. The two
-    side by side say how much of a gap to torch is the matmul library rather than the
-    GRU around it. ``dtype="bfloat16"``: bfloat16 operands, float32 accumulation for
-    ``jnp.dot`` (gru_jax's ``dtype=jnp.bfloat16`` matmuls), a bfloat16 result for torch.
+    ``"torch"``: ``torch.matmul`` where the torch peer runs (its CPU threads, or the GPU),
+    when torch imports. The two side by side say how much of a gap to torch is the matmul
+    library rather than the GRU around it. ``dtype="bfloat16"``: bfloat16 operands, float32
+    accumulation for ``jnp.dot`` (gru_jax's ``dtype=jnp.bfloat16`` matmuls), a bfloat16
+    result for torch.
     """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -111,11 +112,20 @@ def matmul_rates(
         except ImportError:
             pass
         else:
-            th.set_num_threads(_peers.torch_threads())
-            ta, tb = (th.from_numpy(np.array(v, np.float32)) for v in (a, b))
+            device = _peers.torch_device()
+            if device.type == "cpu":
+                th.set_num_threads(_peers.torch_threads())
+            ta, tb = (th.from_numpy(np.array(v, np.float32)).to(device) for v in (a, b))
             if dtype == "bfloat16":
                 ta, tb = ta.bfloat16(), tb.bfloat16()
-            fns["torch"] = lambda: th.matmul(ta, tb)
+
+            def torch_matmul():
+                out = th.matmul(ta, tb)
+                if device.type == "cuda":
+                    th.cuda.synchronize()
+                return out
+
+            fns["torch"] = torch_matmul
     times = time_interleaved(fns, reps)
     return {name: 2.0 * n**3 / statistics.median(t) for name, t in times.items()}
 
@@ -134,7 +144,9 @@ class Row:
     forward: float | None
     train: float | None
     note: str = ""
-    error: float | None = None  # max |output - gru_jax's float32 output|, bfloat16 runs only
+    # max |output - gru_jax's float32 output on the CPU|: bfloat16 runs, and every run on an
+    # accelerator (whose float32 matmuls may round through TF32)
+    error: float | None = None
 
 
 def build_impls(
@@ -154,12 +166,14 @@ def build_impls(
 
 def output_errors(case: Case, impls: dict[str, Impl]) -> dict[str, float]:
     """Per implementation, the largest ``|output - reference|`` over valid steps, where the
-    reference is gru_jax's float32 output on the same weights and inputs."""
+    reference is gru_jax's float32 output on the same weights and inputs, computed on the
+    CPU (exact float32 matmuls, whatever the default backend rounds them to)."""
     ref_case = dataclasses.replace(case, dtype="float32")
-    ref = np.asarray(_peers.build_ours(ref_case).forward(), np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        ref = _peers.as_numpy(_peers.build_ours(ref_case).forward())
     valid = case.valid_steps()
     return {
-        name: float(np.max(np.abs(np.asarray(impl.forward(), np.float32)[valid] - ref[valid])))
+        name: float(np.max(np.abs(_peers.as_numpy(impl.forward())[valid] - ref[valid])))
         for name, impl in impls.items()
     }
 
@@ -176,13 +190,15 @@ def compare(
     """Forward and forward+backward medians of ours and the peers on every config.
 
     ``dtype="bfloat16"`` runs every implementation in its bfloat16 mode (see
-    ``_peers.DTYPES``) and records each one's :func:`output_errors`.
+    ``_peers.DTYPES``). Such runs, and every run on an accelerator, record each
+    implementation's :func:`output_errors`.
     """
     rows: list[Row] = []
     for cfg in configs:
         case = _peers.make_case(cfg, dtype=dtype)
         impls = build_impls(case, peers, notes)
-        errors = output_errors(case, impls) if case.bf16 else {}
+        with_errors = case.bf16 or jax.default_backend() != "cpu"
+        errors = output_errors(case, impls) if with_errors else {}
         fwd = time_interleaved({n: i.forward for n, i in impls.items()}, reps)
         train = time_interleaved({n: i.train_step for n, i in impls.items()}, reps)
         for name, impl in impls.items():
@@ -390,6 +406,7 @@ def machine() -> dict[str, object]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "cores": _peers.torch_threads(),
     }
     try:

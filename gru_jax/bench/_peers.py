@@ -9,6 +9,9 @@ the result is ready and return it. ``forward()`` returns the output sequence
 ``train_step()`` is the gradient of the loss ``mean(output ** 2)`` (over valid steps) with
 respect to every parameter (not the input), as a training step would compute it.
 
+``forward()`` leaves its result where it was computed (a JAX array, or a torch tensor on
+the GPU when torch runs there); :func:`as_numpy` brings any of them to the host.
+
 A case's ``dtype`` is ``"float32"`` or ``"bfloat16"``: with the latter every implementation
 runs its own bfloat16 mode (see :data:`DTYPES`), and ``forward()`` returns float32 all the
 same.
@@ -155,6 +158,13 @@ class Impl:
 
 def _block(tree):
     return jax.block_until_ready(tree)
+
+
+def as_numpy(out) -> np.ndarray:
+    """A ``forward()`` result (a JAX array, or a torch tensor on any device) as float32 NumPy."""
+    if hasattr(out, "detach"):  # torch
+        out = out.detach().cpu().float().numpy()
+    return np.asarray(out, np.float32)
 
 
 @contextlib.contextmanager
@@ -404,6 +414,15 @@ def torch_threads() -> int:
         return os.cpu_count() or 1
 
 
+def torch_device():
+    """Where the torch peer runs: the GPU (cuDNN) when JAX runs on one and torch has CUDA,
+    else the CPU. Raises ``ImportError`` without torch."""
+    import torch
+
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
 def build_torch(case: Case) -> Impl:
     """``torch.nn.GRU`` (packed sequences when lengths are given).
 
@@ -415,8 +434,8 @@ def build_torch(case: Case) -> Impl:
     except ImportError as e:
         raise Unavailable(f"torch not importable: {e}") from e
     cfg = case.config
-    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch_device()
+    on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(torch_threads())
     model = torch.nn.GRU(
@@ -470,10 +489,12 @@ def build_torch(case: Case) -> Impl:
         return run().float()
 
     def forward():
+        # The tensor stays where it was computed: a copy to the host is no part of the
+        # forward pass (gru_jax's forward leaves its output on the device too).
         with torch.inference_mode():
             out = run_f32()
         sync()
-        return out.cpu().numpy() if on_gpu else out.numpy()
+        return out
 
     def train_step():
         loss = (run_f32().square() * weights).sum()
