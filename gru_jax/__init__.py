@@ -5,7 +5,7 @@ Flax linen modules (:class:`GRU`, :class:`GRUCell`) and Flax NNX modules (``gru_
 """
 
 from gru_jax import checkpoint, initializers, interop, nnx
-from gru_jax._core import cell_of, gru, gru_step
+from gru_jax._core import cell_of, default_unroll, gru, gru_step
 from gru_jax.initializers import init_cell, init_gru
 from gru_jax.linen import GRU, GRUCell
 
@@ -16,6 +16,7 @@ __all__ = [
     "GRUCell",
     "cell_of",
     "checkpoint",
+    "default_unroll",
     "gru",
     "gru_step",
     "init_cell",

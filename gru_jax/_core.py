@@ -163,6 +163,37 @@ def _check_float(name: str, x):
         raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
 
 
+# The unroll factor of ``unroll=None`` on backends other than the CPU. On an H100 (jax 0.11.2,
+# BENCHMARKS.md "GPU") unrolling by 8 made the forward 1.4-4.5x and the training step
+# 1.6-2.1x faster than unroll 1 on the four bench configs: every loop iteration costs kernel
+# launches and the loop's condition; 16 and 32 gained no more, and 32 slowed training.
+ACCELERATOR_UNROLL = 8
+
+
+def default_unroll(backend: str | None = None) -> int:
+    """The time loops' unroll factor that ``unroll=None`` stands for on ``backend``.
+
+    ``1`` on the CPU, where a loop iteration is a few thunks and unrolling measured no faster
+    (BENCHMARKS.md, "Tried and dropped"); :data:`ACCELERATOR_UNROLL` (8) on any other
+    backend: on a GPU every iteration costs kernel launches (measured there; a TPU takes
+    the same value unmeasured).
+
+    Args:
+      backend: a JAX platform name (``"cpu"``, ``"gpu"``, ``"tpu"``, ...); ``None``: the
+        default backend, ``jax.default_backend()``, at trace time.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return 1 if backend == "cpu" else ACCELERATOR_UNROLL
+
+
+def _check_unroll(unroll) -> int:
+    if unroll is None:
+        return default_unroll()
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll must be an integer >= 1 or None; got {unroll!r}")
+    return unroll
+
+
 def gru_step(cell_params: CellParams, h, x, *, reset_after: bool = True, dtype=None):
     r"""One GRU step, ``torch.nn.GRUCell`` semantics.
 
@@ -1045,7 +1076,7 @@ def gru(
     dropout: float = 0.0,
     key=None,
     reset_after: bool = True,
-    unroll: int = 1,
+    unroll: int | None = None,
     remat: bool = False,
     dtype=None,
     checkify_lengths: bool = False,
@@ -1077,7 +1108,8 @@ def gru(
       key: PRNG key for dropout. Dropout is applied only when a key is given; ``None`` means
         inference (deterministic).
       reset_after: ``True`` for torch/cuDNN's cell, ``False`` for Cho et al. (2014).
-      unroll: ``jax.lax.scan`` unroll factor of the time loop. With ``lengths``, inference
+      unroll: unroll factor of the time loops; ``None``: :func:`default_unroll` of the
+        default backend (1 on the CPU, 8 on a GPU or TPU). With ``lengths``, inference
         skips most padded steps (rows sorted by length, in phases) only for ``unroll=1``.
       remat: recompute each step in the backward pass instead of storing its activations
         (memory ``O(T*B*H)`` per layer).
@@ -1094,11 +1126,12 @@ def gru(
 
     Raises:
       ValueError: wrong rank or feature size of ``x``, wrong ``h0`` or ``lengths`` shape,
-        concrete ``lengths`` outside ``[0, T]``, ``dropout`` outside ``[0, 1)``, a malformed
-        params tree.
+        concrete ``lengths`` outside ``[0, T]``, ``dropout`` outside ``[0, 1)``, ``unroll``
+        not a positive integer or ``None``, a malformed params tree.
       TypeError: non-floating ``x``/``h0``, non-integer ``lengths``.
     """
     num_layers, num_dirs, in_features, hidden = stack_dims(params)
+    unroll = _check_unroll(unroll)
     x = jnp.asarray(x)
     _check_float("x", x)
     if not 0.0 <= dropout < 1.0:

@@ -37,7 +37,8 @@ class GRU(nn.Module):
       kernel_init, recurrent_kernel_init, bias_init: initializers of one direction's
         ``w_ih (D, 3H)``, ``w_hh (H, 3H)`` and biases ``(3H,)``; ``None``: torch's
         ``U(-1/sqrt(H), 1/sqrt(H))``.
-      unroll: scan unroll factor.
+      unroll: unroll factor of the time loops; ``None``: 1 on the CPU, 8 on a GPU or
+        TPU (:func:`gru_jax.gru`).
       remat: recompute steps in the backward pass to save memory.
 
     Call ``gru(x, h0=None, *, lengths=None, deterministic=True) -> (output, h_n)``; shapes as
@@ -56,7 +57,7 @@ class GRU(nn.Module):
     kernel_init: Initializer | None = None
     recurrent_kernel_init: Initializer | None = None
     bias_init: Initializer | None = None
-    unroll: int = 1
+    unroll: int | None = None
     remat: bool = False
 
     @nn.compact

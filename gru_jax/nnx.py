@@ -83,7 +83,8 @@ class GRU(nnx.Module, _ParamsTree):
       kernel_init, recurrent_kernel_init, bias_init: initializers of one direction's
         ``w_ih (D, 3H)``, ``w_hh (H, 3H)`` and biases ``(3H,)``; ``None``: torch's
         ``U(-1/sqrt(H), 1/sqrt(H))``.
-      unroll: scan unroll factor.
+      unroll: unroll factor of the time loops; ``None``: 1 on the CPU, 8 on a GPU or
+        TPU (:func:`gru_jax.gru`).
       remat: recompute steps in the backward pass to save memory.
       deterministic: initial mode; ``False`` (training, as ``nnx.Dropout``) applies dropout.
         Set by ``model.train()`` / ``model.eval()`` or ``nnx.view(model, deterministic=...)``,
@@ -114,7 +115,7 @@ class GRU(nnx.Module, _ParamsTree):
         kernel_init: Initializer | None = None,
         recurrent_kernel_init: Initializer | None = None,
         bias_init: Initializer | None = None,
-        unroll: int = 1,
+        unroll: int | None = None,
         remat: bool = False,
         *,
         deterministic: bool = False,

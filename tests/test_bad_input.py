@@ -220,6 +220,19 @@ def test_dropout_out_of_range(p):
     )
 
 
+@pytest.mark.parametrize("value", [0, -2, 2.0, True])
+def test_unroll_not_a_positive_integer(value):
+    expect_error(
+        ValueError, lambda: gru(unroll=value), "unroll must be an integer >= 1 or None", repr(value)
+    )
+    expect_error(
+        ValueError,
+        lambda: gru_jax.GRU(H, unroll=value).init(jax.random.key(0), X),
+        "unroll must be an integer >= 1 or None",
+        f"got {value!r}",
+    )
+
+
 @pytest.mark.parametrize("name", ["hidden_size", "num_layers"])
 @pytest.mark.parametrize("value", [0, -1, 2.0])
 def test_sizes_below_one(name, value):

@@ -169,6 +169,26 @@ def test_phased_inference_with_h0_and_uneven_phases(lengths):
     np.testing.assert_allclose(h_n[0], vjp_h, rtol=1e-6, atol=1e-6)
 
 
+def test_default_unroll_is_one_on_cpu_and_eight_on_accelerators():
+    """``unroll=None`` resolves per backend; on this (CPU) backend it is the unroll-1 loop."""
+    assert gru_jax.default_unroll("cpu") == 1
+    assert gru_jax.default_unroll("gpu") == gru_jax.default_unroll("tpu") == 8
+    assert gru_jax.default_unroll() == gru_jax.default_unroll(jax.default_backend())
+    params = random_params(3, 3, 4, num_layers=2, bidirectional=True)
+    x = np.random.default_rng(4).standard_normal((2, 7, 3)).astype(np.float32)
+    lengths = np.array([7, 4], np.int32)
+    f = jax.jit(gru_jax.gru, static_argnames="unroll")
+    default = f(params, x, lengths=lengths)
+    for unroll in (1, 8):
+        got = f(params, x, lengths=lengths, unroll=unroll)
+        same = unroll == gru_jax.default_unroll()
+        for a, b in zip(default, got, strict=True):
+            if same:  # the same program
+                np.testing.assert_array_equal(a, b)
+            else:  # another loop over the same math
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_jit_equals_no_jit_with_traced_lengths():
     params = gru_jax.init_gru(jax.random.key(7), 4, 3, num_layers=2, bidirectional=True)
     x = jax.random.normal(jax.random.key(8), (3, 5, 4))
