@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -189,9 +190,13 @@ def default_unroll(backend: str | None = None) -> int:
 def _check_unroll(unroll) -> int:
     if unroll is None:
         return default_unroll()
-    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+    try:  # any integer type (Python or NumPy), but not a float or a bool
+        value = None if isinstance(unroll, bool) else operator.index(unroll)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise ValueError(f"unroll must be an integer >= 1 or None; got {unroll!r}")
-    return unroll
+    return value
 
 
 def gru_step(cell_params: CellParams, h, x, *, reset_after: bool = True, dtype=None):

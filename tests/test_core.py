@@ -179,7 +179,7 @@ def test_default_unroll_is_one_on_cpu_and_eight_on_accelerators():
     lengths = np.array([7, 4], np.int32)
     f = jax.jit(gru_jax.gru, static_argnames="unroll")
     default = f(params, x, lengths=lengths)
-    for unroll in (1, 8):
+    for unroll in (1, 8, np.int64(8)):  # any integer type
         got = f(params, x, lengths=lengths, unroll=unroll)
         same = unroll == gru_jax.default_unroll()
         for a, b in zip(default, got, strict=True):
