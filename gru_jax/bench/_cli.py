@@ -136,7 +136,15 @@ _ERROR_TEXT = (
     "Max abs error: the largest difference from gru_jax's float32 output, computed on the "
     "CPU, at valid steps."
 )
-_BF16_TEXT = [BFLOAT16_RECIPES + " " + _ERROR_TEXT, ""]
+
+
+def _peers_intro(p: Plan, rows) -> list[str]:
+    """The paragraph above the peer table: the bfloat16 recipes in a bfloat16 run, and what
+    the error column means whenever the rows have one (``compare`` decides that)."""
+    parts = [BFLOAT16_RECIPES] if p.dtype == "bfloat16" else []
+    if any(r.error is not None for r in rows):
+        parts.append(_ERROR_TEXT)
+    return [" ".join(parts), ""] if parts else []
 
 
 def _rates_text(rates: dict[str, float]) -> str:
@@ -170,8 +178,7 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         "the forward matmul FLOPs `sum over layers, directions of 2*B*T*3H*(D_l+H)` at the "
         "measured matmul rate.",
         "",
-        *(_BF16_TEXT if p.dtype == "bfloat16" else []),
-        *([_ERROR_TEXT, ""] if p.dtype != "bfloat16" and info.get("backend") != "cpu" else []),
+        *_peers_intro(p, rows),
         h.peer_table(rows, rate),
         "",
         "### FLOP floor",
