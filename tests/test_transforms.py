@@ -269,6 +269,11 @@ def test_bit_identical_across_runs():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    # The child skips conftest.py: give it the suite's matmul precision, which changes the
+    # bits on a GPU (TF32 by default there).
+    precision = jax.config.jax_default_matmul_precision
+    if precision is not None:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
     child = subprocess.run(
         [sys.executable, "-c", _DETERMINISM_SCRIPT + "\nprint(run())"],
         capture_output=True,
