@@ -181,9 +181,16 @@ def default_unroll(backend: str | None = None) -> int:
 
     Args:
       backend: a JAX platform name (``"cpu"``, ``"gpu"``, ``"tpu"``, ...); ``None``: the
-        default backend, ``jax.default_backend()``, at trace time.
+        platform that computations go to at trace time: that of ``jax.default_device``
+        where one is set (say the CPU, on a machine with a GPU), else
+        ``jax.default_backend()``.
     """
-    backend = jax.default_backend() if backend is None else backend
+    if backend is None:
+        device = jax.config.jax_default_device
+        if device is None:
+            backend = jax.default_backend()
+        else:  # a Device, or a platform name
+            backend = device if isinstance(device, str) else device.platform
     return 1 if backend == "cpu" else ACCELERATOR_UNROLL
 
 

@@ -174,6 +174,12 @@ def test_default_unroll_is_one_on_cpu_and_eight_on_accelerators():
     assert gru_jax.default_unroll("cpu") == 1
     assert gru_jax.default_unroll("gpu") == gru_jax.default_unroll("tpu") == 8
     assert gru_jax.default_unroll() == gru_jax.default_unroll(jax.default_backend())
+    # jax.default_device names the platform that computations go to (the CPU of a GPU
+    # machine, say): a device or a platform name, which is all this needs to resolve.
+    with jax.default_device("tpu"):
+        assert gru_jax.default_unroll() == 8
+        with jax.default_device(jax.devices("cpu")[0]):
+            assert gru_jax.default_unroll() == 1
     params = random_params(3, 3, 4, num_layers=2, bidirectional=True)
     x = np.random.default_rng(4).standard_normal((2, 7, 3)).astype(np.float32)
     lengths = np.array([7, 4], np.int32)
