@@ -1121,8 +1121,9 @@ def gru(
         inference (deterministic).
       reset_after: ``True`` for torch/cuDNN's cell, ``False`` for Cho et al. (2014).
       unroll: unroll factor of the time loops; ``None``: :func:`default_unroll` of the
-        default backend (1 on the CPU, 8 on a GPU or TPU). With ``lengths``, inference
-        skips most padded steps (rows sorted by length, in phases) only for ``unroll=1``.
+        platform the computation goes to (1 on the CPU, 8 on a GPU or TPU). With
+        ``lengths``, inference skips most padded steps (rows sorted by length, in phases)
+        only for ``unroll=1``.
       remat: recompute each step in the backward pass instead of storing its activations
         (memory ``O(T*B*H)`` per layer).
       dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); the carry, gates and
