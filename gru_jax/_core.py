@@ -487,15 +487,16 @@ def _step(hs, x_t, m_t, w, biases, compute_dtype):
 def _forward_scan(xg, w, biases, h0, mask, static: _Static):
     """The time loop that also hands out its gates (for the derivative), time-major.
 
-    Returns ``(hs, gates)``: ``hs[k]`` ``(T, B, H)``, the state after every step, and
-    ``gates[k] = (r, z, n, hn)``, each ``(T, B, H)``, per direction.
+    Returns ``(h_last, (hs, gates))``: ``h_last[k]`` ``(B, H)``, the state after each
+    sequence's last step (masked steps keep it); ``hs[k]`` ``(T, B, H)``, the state after
+    every step; ``gates[k] = (r, z, n, hn)``, each ``(T, B, H)``, per direction.
     """
 
     def step(hs, inputs):
         new, gates = _step(hs, *inputs, w, biases, static.compute_dtype)
         return new, (new, gates)
 
-    return jax.lax.scan(step, tuple(h0), (xg, mask), unroll=static.unroll)[1]
+    return jax.lax.scan(step, tuple(h0), (xg, mask), unroll=static.unroll)
 
 
 class _Chunks:
@@ -588,7 +589,7 @@ def _remat_chunk(steps: int, batch: int) -> int:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
-    """One reset-after layer, every direction: ``hs[k]``, the states in scan order.
+    """One reset-after layer, every direction: the states in scan order and the last ones.
 
     Args:
       static: unroll, remat, compute dtype, time axis.
@@ -600,7 +601,12 @@ def _layer_ra(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
       lengths: ``int32[B]`` or ``None``.
 
     Returns:
-      ``hs[k]``: ``(T, B, H)`` (``(B, T, H)``) in the accumulation dtype.
+      ``(hs, h_last)``: ``hs[k]`` ``(T, B, H)`` (``(B, T, H)``), direction ``k``'s state
+      after every step (padded steps unspecified), and ``h_last[k]`` ``(B, H)``, its state
+      after the sequence's last step (``h0[k]`` for length 0), in the accumulation dtype.
+      ``h_last`` is the loop's final carry, not a read of ``hs``: so the caller's ``h_n``
+      does not keep ``hs`` alive (XLA fused such a read into the stack's final
+      concatenation, which kept every layer's states to the end of the program).
     """
     return _infer(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
 
@@ -690,7 +696,7 @@ def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
 
     With ``lengths`` the rows run sorted by length, in phases (see ``_PHASES``), so that
     most padded steps are skipped; the states of skipped steps are left unwritten (the
-    caller masks the output and takes ``h_n`` at ``lengths - 1``).
+    caller masks the output). Returns ``(states, h_last)`` as :func:`_layer_ra`.
 
     Measured (forward, interleaved medians of three runs, against the time-major loop over
     chunks of >= 2048 projected rows that it replaces): B64 T128 D256 H256 64.7 -> 58.6,
@@ -717,7 +723,7 @@ def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
         if steps:
             carry = (hs, states)
             hs, states = _run_steps(static, carry, xg, 0, steps, w, biases, lengths, True)
-        return states
+        return states, hs
     bounds = _phase_bounds(batch, min(_PHASES, batch))
     start = 0
     for lo, rows in reversed(list(itertools.pairwise(bounds))):
@@ -731,7 +737,10 @@ def _infer(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
         hs = tuple(jnp.concatenate([a, h[rows:]]) for a, h in zip(sub, hs, strict=True))
         start = stop
     unsort = jnp.argsort(order)
-    return tuple(jnp.take(st, unsort, axis=1 - ax) for st in states)
+    return (
+        tuple(jnp.take(st, unsort, axis=1 - ax) for st in states),
+        tuple(jnp.take(h, unsort, axis=0) for h in hs),
+    )
 
 
 def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
@@ -745,6 +754,7 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     gradient, measured while the input was still transposed first: 23.9 MiB this way vs
     32.1 MiB with :func:`_infer`; 16.5 MiB now). The states are written in
     place into one ``(T, B, H)`` output; the reverse direction gathers each chunk's steps.
+    Returns ``(states, h_last)``, the states time-major, as :func:`_layer_ra`.
     """
     ax, acc_dtype, cd = static.time_axis, h0.dtype, static.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
@@ -756,7 +766,7 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
         tuple(jnp.zeros((steps, batch, hidden), acc_dtype) for _ in range(num_dirs)),
     )
     if steps == 0:
-        return carry[1]
+        return carry[1], carry[0]
     chunk = _forward_chunk(steps, batch * num_dirs)
     chunks = _Chunks(steps, batch, chunk, lengths)
     tm = static._replace(time_axis=0)
@@ -781,7 +791,7 @@ def _forward_chunked(static: _Static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
         carry = jax.lax.fori_loop(0, full, lambda c, cr: run(cr, c * chunk, chunk), carry)
     if tail:
         carry = run(carry, full * chunk, tail)
-    return carry[1]
+    return carry[1], carry[0]
 
 
 def _coefficients_of(r, z, n, hn, hprev, mask):
@@ -900,8 +910,11 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         xs, *rest = primals
         dxs, *drest = tangents
         xs, dxs = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(dxs, 0, 1)
-        hs, dhs = _layer_ra_jvp(static._replace(time_axis=0), (xs, *rest), (dxs, *drest))
-        return tuple(jnp.swapaxes(h, 0, 1) for h in hs), tuple(jnp.swapaxes(d, 0, 1) for d in dhs)
+        (hs, h_last), (dhs, dh_last) = _layer_ra_jvp(
+            static._replace(time_axis=0), (xs, *rest), (dxs, *drest)
+        )
+        swap = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
+        return (tuple(map(swap, hs)), h_last), (tuple(map(swap, dhs)), dh_last)
 
     xs, w_ih, bias_x, w_hh, b_hn, h0, lengths = primals
     dxs, dw_ih, dbias_x, dw_hh, db_hn, dh0, _ = tangents
@@ -921,7 +934,7 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
 
     def stretch(dh, h_start, src_of, m):
         """A stretch of steps (all of them, or one remat chunk) from the state before it:
-        ``(states, (last dh, every dh))``.
+        ``(states, last state, (last dh, every dh))``.
 
         ``src_of(a, k)`` reads direction ``k``'s steps of the input (or its tangent) ``a``
         in scan order. The forward loop hands out its gates, so the coefficients cost no
@@ -929,18 +942,18 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         """
         srcs = [src_of(xs, k) for k in range(num_dirs)]
         xg = [_project_one(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(srcs)]
-        states, gates = _forward_scan(xg, w, biases, h_start, m, static)
+        h_last, (states, gates) = _forward_scan(xg, w, biases, h_start, m, static)
         hprevs = [
             jnp.concatenate([h_start[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)
         ]
         coefs = [_coefficients_of(*gates[k], hprevs[k], m) for k in range(num_dirs)]
         dsrcs = None if _is_zero(dxs) else [src_of(dxs, k) for k in range(num_dirs)]
         sources = _tangent_sources(static, coefs, srcs, dsrcs, hprevs, w_ih, weight_tangents)
-        return states, _tangent_loop(static, w_hh, dh, sources, coefs)
+        return states, h_last, _tangent_loop(static, w_hh, dh, sources, coefs)
 
     if not static.remat:
-        hs, (_, dhs) = stretch(dh_init, h0, lambda a, k: _source(a, lengths, k), mask)
-        return hs, dhs
+        hs, h_last, (dh_last, dhs) = stretch(dh_init, h0, lambda a, k: _source(a, lengths, k), mask)
+        return (hs, h_last), (dhs, dh_last)
 
     # remat: the tangent (and so the backward) pass runs chunk by chunk, and each chunk
     # reruns the forward loop over its steps from the state before it, so that reverse mode
@@ -948,10 +961,10 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
     # the states are the layer's output, whose cotangent the backward pass holds anyway.
     # The whole tangent computation is checkpointed, so the gates are recomputed in the
     # backward pass.
-    hs = _forward_chunked(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
-    if not steps:  # nothing to rerun; the (empty) states are the whole answer
+    hs, h_last = _forward_chunked(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+    if not steps:  # nothing to rerun: empty states, and h_last is h0
         hs = tuple(_time_major(h, ax) for h in hs)
-        return hs, tuple(jnp.zeros_like(h) for h in hs)
+        return (hs, h_last), (tuple(jnp.zeros_like(h) for h in hs), dh_init)
     chunk = _remat_chunk(steps, batch)
     chunks = _Chunks(steps, batch, chunk, lengths)
 
@@ -962,7 +975,7 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
             # Padding steps (>= T) read step T - 1 and are masked off.
             return chunks.gather(a, chunks.src_steps(t, k), ax)
 
-        return stretch(dh, h_before, src_of, chunks.mask(t, mask))[1]
+        return stretch(dh, h_before, src_of, chunks.mask(t, mask))[2]
 
     # The state before each chunk: h0, then the state after the last step of each chunk.
     befores = tuple(
@@ -970,9 +983,11 @@ def _layer_ra_jvp(static: _Static, primals, tangents):
         for k in range(num_dirs)
     )
     remat_step = jax.checkpoint(chunk_step, prevent_cse=False)
-    _, dhs = jax.lax.scan(remat_step, dh_init, (chunks.times, befores))
+    # The tangent loop's final carry is dh_last: padded steps carry dh unchanged.
+    dh_last, dhs = jax.lax.scan(remat_step, dh_init, (chunks.times, befores))
     dhs = tuple(chunks.unchunk(d) for d in dhs)
-    return tuple(_time_major(h, ax) for h in hs), tuple(_time_major(d, ax) for d in dhs)
+    hs = tuple(_time_major(h, ax) for h in hs)
+    return (hs, h_last), (tuple(_time_major(d, ax) for d in dhs), dh_last)
 
 
 def _layer(
@@ -995,7 +1010,6 @@ def _layer(
       ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``) in ``acc_dtype``, zero at padded
       steps; ``h_n`` ``(K, B, H)``.
     """
-    steps = xs.shape[time_axis]
     if not reset_after:
         # The Cho et al. variant runs time-major.
         swap = functools.partial(_time_major, time_axis=time_axis)  # its own inverse
@@ -1009,18 +1023,9 @@ def _layer(
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
     bias_x, b_hn = _split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
     static = _Static(int(unroll), bool(remat), jnp.dtype(compute_dtype), time_axis)
-    hs = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
-    # h_n is the state at scan step length - 1 in both directions (h0 for length 0); the
-    # inference loop leaves the states of padded steps unwritten.
-    if not steps:
-        h_n = h0
-    elif lengths is None:
-        h_n = jnp.stack([jax.lax.index_in_dim(h, steps - 1, time_axis, False) for h in hs])
-    else:
-        last = jnp.clip(lengths - 1, 0, steps - 1)
-        idx = last[:, None, None] if time_axis else last[None, :, None]
-        ends = [jnp.squeeze(jnp.take_along_axis(h, idx, axis=time_axis), time_axis) for h in hs]
-        h_n = jnp.where((lengths > 0)[None, :, None], jnp.stack(ends), h0)
+    # h_n is the state after scan step length - 1 in both directions (h0 for length 0).
+    hs, h_last = _layer_ra(static, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+    h_n = jnp.stack(h_last)
     if num_dirs == 1:
         y = hs[0]
     else:
