@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _reference import random_params, reference_gru
+from test_long_sequences import temp_bytes
 
 import gru_jax
 
@@ -219,11 +220,7 @@ def test_h_n_keeps_no_layer_states_alive(with_lengths):
     lengths = jnp.array([64, 60, 50, 40, 30, 20, 10, 5]) if with_lengths else None
 
     def temp(fn):
-        compiled = jax.jit(fn).lower(params, x).compile()
-        analysis = compiled.memory_analysis()
-        if analysis is None:  # pragma: no cover - backends without memory analysis
-            pytest.skip("this backend reports no memory analysis")
-        return analysis.temp_size_in_bytes
+        return temp_bytes(jax.jit(fn).lower(params, x).compile())
 
     def run(p, x):
         return gru_jax.gru(p, x, lengths=lengths, batch_first=True)

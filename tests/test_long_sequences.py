@@ -14,8 +14,7 @@ rerunning its steps from the state before it, so only one state per chunk is kep
 ``<= 4 * S + weights`` (measured: 2.6 S with remat, 3.6 S when the remat kept every state,
 13.9 S without (13.6 S before h_n came from the loops' final carry); ~11.1 S with remat /
 ~16.9 S without for ``reset_after=False``; the ratio does not depend on T). The test uses
-``B = 2``,
-``H = 16`` so that an implementation keeping anything weight-sized per step
+``B = 2``, ``H = 16`` so that an implementation keeping anything weight-sized per step
 (``T * H * 3H`` floats, e.g. per-step weight-gradient contributions) would need 24 S per layer
 and direction and fail, as would anything superlinear in T.
 """
