@@ -5,7 +5,10 @@ Flax linen modules (:class:`GRU`, :class:`GRUCell`) and Flax NNX modules (``gru_
 """
 
 from gru_jax import checkpoint, initializers, interop, nnx
-from gru_jax._core import cell_of, default_unroll, gru, gru_step
+from gru_jax._cell import gru_step
+from gru_jax._loops import default_unroll
+from gru_jax._params import cell_of
+from gru_jax._stack import gru
 from gru_jax.initializers import init_cell, init_gru
 from gru_jax.linen import GRU, GRUCell
 

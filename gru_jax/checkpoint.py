@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gru_jax import interop
+from gru_jax import _params
 
 
 def _orbax():
@@ -98,7 +98,7 @@ def restore(path, target=None):
             return ckptr.restore(path)
         stored = ckptr.metadata(path).item_metadata
         if stored is not None:
-            interop._check_same_tree(target, _as_tree(stored), f"checkpoint {path}")
+            _params.check_same_tree(target, _as_tree(stored), f"checkpoint {path}")
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
         try:
             return ckptr.restore(path, abstract)
@@ -140,5 +140,5 @@ def from_bytes(data: bytes, target=None):
     tree = serialization.msgpack_restore(data)
     if target is None:
         return jax.tree.map(jnp.asarray, tree)
-    interop._check_same_tree(target, tree, "serialized params")
+    _params.check_same_tree(target, tree, "serialized params")
     return jax.tree.map(lambda t, v: jnp.asarray(np.asarray(v), t.dtype), target, tree)

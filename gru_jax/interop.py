@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gru_jax import _core
+from gru_jax import _params
 
 _CELL_NAMES = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
 _GRU_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
@@ -34,13 +34,6 @@ def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def _unwrap(tree):
-    """Accepts ``{"params": tree}`` (linen variables) as well as the bare tree."""
-    if isinstance(tree, Mapping) and set(tree) == {"params"}:
-        return tree["params"]
-    return tree
 
 
 def from_torch(state_dict, *, prefix: str = "") -> dict:
@@ -83,7 +76,7 @@ def _cell_from_torch(sd) -> dict:
     if missing:
         raise ValueError(f"torch GRUCell state_dict is missing {sorted(missing)}")
     cell = {_CELL_NAMES[k]: jnp.asarray(_to_numpy(v).T) for k, v in sd.items()}
-    _core._cell_dims(cell, "converted GRUCell params")
+    _params.cell_dims(cell, "converted GRUCell params")
     return cell
 
 
@@ -124,7 +117,7 @@ def _gru_from_torch(sd) -> dict:
             for n in names
         }
     try:
-        _core.stack_dims(params)
+        _params.stack_dims(params)
     except ValueError as err:
         raise ValueError(f"torch GRU state_dict has inconsistent shapes: {err}") from None
     return params
@@ -146,14 +139,14 @@ def to_torch(tree) -> dict[str, np.ndarray]:
     Raises:
       ValueError: if the tree is neither layout.
     """
-    tree = _unwrap(tree)
+    tree = _params.unwrap(tree)
     if not isinstance(tree, Mapping):
         raise ValueError(f"expected a params tree mapping; got {type(tree).__name__}")
     inverse = {v: k for k, v in _CELL_NAMES.items()}
     if "w_ih" in tree:
-        _core._cell_dims(tree, "tree")
+        _params.cell_dims(tree, "tree")
         return {inverse[k]: np.array(np.asarray(v).T, order="C") for k, v in tree.items()}
-    _, num_dirs, _, _ = _core.stack_dims(tree)
+    _, num_dirs, _, _ = _params.stack_dims(tree)
     out = {}
     for layer in range(len(tree)):
         for name, value in tree[f"layer_{layer}"].items():
@@ -162,36 +155,6 @@ def to_torch(tree) -> dict[str, np.ndarray]:
                 sfx = "_reverse" if d == 1 else ""
                 out[f"{inverse[name]}_l{layer}{sfx}"] = np.array(value[d].T, order="C")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Tree checks shared by the NNX modules and checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _check_same_tree(expected, got, name: str = "params") -> None:
-    """Raises ``ValueError`` unless ``got`` has exactly ``expected``'s keys and leaf shapes."""
-    problems = []
-
-    def walk(exp, val, path):
-        if isinstance(exp, Mapping):
-            if not isinstance(val, Mapping):
-                problems.append(f"{path or '/'}: expected a mapping, got {type(val).__name__}")
-                return
-            for k in sorted(set(exp) - set(val), key=str):
-                problems.append(f"missing {path}/{k}")
-            for k in sorted(set(val) - set(exp), key=str):
-                problems.append(f"unexpected {path}/{k}")
-            for k in sorted(set(exp) & set(val), key=str):
-                walk(exp[k], val[k], f"{path}/{k}")
-            return
-        shape = getattr(val, "shape", None)
-        if shape is None or tuple(shape) != tuple(exp.shape):
-            problems.append(f"{path}: expected shape {tuple(exp.shape)}, got {shape}")
-
-    walk(expected, got, "")
-    if problems:
-        raise ValueError(f"{name} does not match the expected tree: " + "; ".join(problems))
 
 
 def stack_cells(layers) -> dict:
@@ -215,7 +178,7 @@ def stack_cells(layers) -> dict:
         if len(cells) not in (1, 2):
             raise ValueError(f"layers[{i}] must be a cell or a (forward, reverse) pair")
         for k, cell in enumerate(cells):
-            _core._cell_dims(cell, f"layers[{i}][{k}]")
+            _params.cell_dims(cell, f"layers[{i}][{k}]")
         keys = [set(c) for c in cells]
         if any(k != keys[0] for k in keys):
             raise ValueError(f"layers[{i}]: both directions must have the same keys; got {keys}")
@@ -226,7 +189,7 @@ def stack_cells(layers) -> dict:
     if len(biased) != 1:
         raise ValueError("either every layer or no layer must have biases")
     try:
-        _core.stack_dims(params)
+        _params.stack_dims(params)
     except ValueError as err:
         raise ValueError(f"layers do not form a stack: {err}") from None
     return params
@@ -425,7 +388,7 @@ _LINEN_KEYS = {
 
 
 def _unwrap_flax(tree):
-    tree = _unwrap(tree)
+    tree = _params.unwrap(tree)
     if isinstance(tree, Mapping) and set(tree) == {"cell"}:  # nn.RNN(cell) params
         tree = tree["cell"]
     return tree
@@ -479,7 +442,7 @@ def from_flax_linen_gru_cell(params) -> dict:
     b_hn = a["hn"]["bias"]
     zeros = jnp.zeros_like(b_hn)
     cell["b_hh"] = _concat_gates([zeros, zeros, b_hn], "b_hh")
-    _core._cell_dims(cell, "converted Flax GRUCell params")
+    _params.cell_dims(cell, "converted Flax GRUCell params")
     return cell
 
 
@@ -512,8 +475,8 @@ def to_flax_linen_gru_cell(cell) -> dict:
     Raises:
       ValueError: if ``cell`` is not a cell tree.
     """
-    cell = _unwrap(cell)
-    _, hidden = _core._cell_dims(cell, "cell")
+    cell = _params.unwrap(cell)
+    _, hidden = _params.cell_dims(cell, "cell")
     dtype = cell["w_ih"].dtype
     w_ih = jnp.split(jnp.asarray(cell["w_ih"]), 3, axis=-1)
     w_hh = jnp.split(jnp.asarray(cell["w_hh"]), 3, axis=-1)
@@ -574,5 +537,5 @@ def from_flax_nnx_gru_cell(cell_or_state) -> dict:
         "b_ih": b_ih,
         "b_hh": jnp.zeros_like(b_ih),
     }
-    _core._cell_dims(cell, "converted nnx.GRUCell params")
+    _params.cell_dims(cell, "converted nnx.GRUCell params")
     return cell

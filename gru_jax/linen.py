@@ -1,7 +1,7 @@
 """Flax linen modules over the pure core: parameters and rng streams only, no math.
 
 Parameters live under ``{"params": tree}`` where ``tree`` is exactly the core's params tree
-(see :mod:`gru_jax._core`), so ``from_torch`` output, NNX modules and checkpoints share it.
+(see :mod:`gru_jax._params`), so ``from_torch`` output, NNX modules and checkpoints share it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gru_jax import _core, initializers
+from gru_jax import _cell, _options, initializers
 
 Initializer = initializers.Initializer
 
@@ -40,6 +40,8 @@ class GRU(nn.Module):
       unroll: unroll factor of the time loops; ``None``: 1 on the CPU, 8 on a GPU or
         TPU (:func:`gru_jax.gru`).
       remat: recompute steps in the backward pass to save memory.
+      impl: the time loops: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
+        (:func:`gru_jax.gru`).
 
     Call ``gru(x, h0=None, *, lengths=None, deterministic=True) -> (output, h_n)``; shapes as
     :func:`gru_jax.gru`.
@@ -59,6 +61,7 @@ class GRU(nn.Module):
     bias_init: Initializer | None = None
     unroll: int | None = None
     remat: bool = False
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, h0=None, *, lengths=None, deterministic: bool = True):
@@ -74,37 +77,26 @@ class GRU(nn.Module):
         Returns:
           ``(output, h_n)``: ``(B, T, K*H)`` (or time-major/unbatched) and ``(L*K, B, H)``.
         """
-        initializers.check_size("hidden_size", self.hidden_size)
-        initializers.check_size("num_layers", self.num_layers)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        options = _options.of(self)
         x = jnp.asarray(x)
         if x.ndim not in (2, 3):
             raise ValueError(
                 "x must have shape (B, T, D) (batch_first) / (T, B, D), or unbatched (T, D); "
                 f"got shape {x.shape}"
             )
-        num_dirs = 2 if self.bidirectional else 1
         params = {}
         for layer in range(self.num_layers):
-            d_in = x.shape[-1] if layer == 0 else num_dirs * self.hidden_size
-            params[f"layer_{layer}"] = self.param(f"layer_{layer}", self._init_layer, d_in)
-        key = None
-        if self.dropout > 0.0 and not deterministic and self.num_layers > 1:
-            key = self.make_rng("dropout")
-        return _core.gru(
-            params,
-            x,
-            h0,
-            lengths=lengths,
-            batch_first=self.batch_first,
-            dropout=self.dropout,
-            key=key,
-            reset_after=self.reset_after,
-            unroll=self.unroll,
-            remat=self.remat,
-            dtype=self.dtype,
-        )
+            name = f"layer_{layer}"
+            if self.has_variable("params", name):
+                # Read, not self.param: Flax would trace the initializer on every call to
+                # check the shapes, which check_params does without tracing anything.
+                params[name] = nn.unbox(self.get_variable("params", name))
+            else:
+                d_in = x.shape[-1] if layer == 0 else options.num_directions * self.hidden_size
+                params[name] = self.param(name, self._init_layer, d_in)
+        options.check_params(params)
+        key = self.make_rng("dropout") if options.drops(deterministic) else None
+        return options.run(params, x, h0, lengths=lengths, key=key)
 
     def _init_layer(self, key, in_features: int):
         return initializers.init_gru(
@@ -164,7 +156,7 @@ class GRUCell(nn.RNNCellBase):
             raise ValueError(f"inputs must have shape (..., D); got {inputs.shape}")
         in_features = inputs.shape[-1]
         cell = self._params(in_features)
-        h_new = _core.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
+        h_new = _cell.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
         return h_new, h_new
 
     def _params(self, in_features: int):

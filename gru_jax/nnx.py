@@ -1,7 +1,7 @@
 """Flax NNX modules over the pure core: parameters and rng streams only, no math.
 
 :class:`GRU` and :class:`GRUCell` hold exactly the core's params tree (see
-:mod:`gru_jax._core`) as :class:`flax.nnx.Param` leaves, so that
+:mod:`gru_jax._params`) as :class:`flax.nnx.Param` leaves, so that
 
 * ``nnx.state(model, nnx.Param).to_pure_dict()`` (or :meth:`GRU.params_tree`) is the same
   tree as the linen module's ``variables["params"]``, :func:`gru_jax.interop.from_torch`'s
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gru_jax import _core, initializers, interop
+from gru_jax import _cell, _options, _params, initializers
 
 Initializer = initializers.Initializer
 
@@ -55,8 +55,8 @@ class _ParamsTree:
           ValueError: if the keys or any shape differ from this module's; nothing is loaded.
         """
         current = self.params_tree()
-        params = interop._unwrap(params)
-        interop._check_same_tree(current, params, "params")
+        params = _params.unwrap(params)
+        _params.check_same_tree(current, params, "params")
         cast = jax.tree.map(lambda old, new: jnp.asarray(new, old.dtype), current, dict(params))
         nnx.update(self, cast)
 
@@ -86,6 +86,8 @@ class GRU(nnx.Module, _ParamsTree):
       unroll: unroll factor of the time loops; ``None``: 1 on the CPU, 8 on a GPU or
         TPU (:func:`gru_jax.gru`).
       remat: recompute steps in the backward pass to save memory.
+      impl: the time loops: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
+        (:func:`gru_jax.gru`).
       deterministic: initial mode; ``False`` (training, as ``nnx.Dropout``) applies dropout.
         Set by ``model.train()`` / ``model.eval()`` or ``nnx.view(model, deterministic=...)``,
         overridden per call.
@@ -94,7 +96,7 @@ class GRU(nnx.Module, _ParamsTree):
 
     Attributes:
       layer_0, layer_1, ...: ``nnx.Dict`` of ``nnx.Param``: ``w_ih (K, D_l, 3H)``,
-        ``w_hh (K, H, 3H)``, ``b_ih``/``b_hh (K, 3H)``, as in :mod:`gru_jax._core`.
+        ``w_hh (K, H, 3H)``, ``b_ih``/``b_hh (K, 3H)``, as in :mod:`gru_jax._params`.
 
     Call ``model(x, h0=None, *, lengths=None, deterministic=None, rngs=None)
     -> (output, h_n)``; shapes as :func:`gru_jax.gru`.
@@ -117,15 +119,12 @@ class GRU(nnx.Module, _ParamsTree):
         bias_init: Initializer | None = None,
         unroll: int | None = None,
         remat: bool = False,
+        impl: str = "auto",
         *,
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
         initializers.check_size("in_features", in_features)
-        initializers.check_size("hidden_size", hidden_size)
-        initializers.check_size("num_layers", num_layers)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -138,7 +137,9 @@ class GRU(nnx.Module, _ParamsTree):
         self.param_dtype = param_dtype
         self.unroll = unroll
         self.remat = remat
+        self.impl = impl
         self.deterministic = deterministic
+        _options.of(self)  # checks the options
         tree = initializers.init_gru(
             rngs.params(),
             in_features,
@@ -191,8 +192,8 @@ class GRU(nnx.Module, _ParamsTree):
         Raises:
           ValueError: if ``params`` is not a well-formed stack tree.
         """
-        params = interop._unwrap(params)
-        num_layers, num_dirs, in_features, hidden = _core.stack_dims(params)
+        params = _params.unwrap(params)
+        num_layers, num_dirs, in_features, hidden = _params.stack_dims(params)
         # Built abstractly (shapes only, nothing drawn or compiled), then filled with params.
         model = nnx.eval_shape(
             lambda: cls(
@@ -229,27 +230,14 @@ class GRU(nnx.Module, _ParamsTree):
           ValueError: as :func:`gru_jax.gru`; also if dropout must be applied and there is no
             rng stream.
         """
+        options = _options.of(self)
         deterministic = self.deterministic if deterministic is None else deterministic
-        key = None
-        if self.dropout > 0.0 and not deterministic and self.num_layers > 1:
-            key = self._dropout_key(rngs)
+        key = self._dropout_key(rngs) if options.drops(deterministic) else None
         params = {
             f"layer_{i}": {k: p[...] for k, p in getattr(self, f"layer_{i}").items()}
             for i in range(self.num_layers)
         }
-        return _core.gru(
-            params,
-            x,
-            h0,
-            lengths=lengths,
-            batch_first=self.batch_first,
-            dropout=self.dropout,
-            key=key,
-            reset_after=self.reset_after,
-            unroll=self.unroll,
-            remat=self.remat,
-            dtype=self.dtype,
-        )
+        return options.run(params, x, h0, lengths=lengths, key=key)
 
     def _dropout_key(self, rngs):
         source = self.rngs if rngs is None else rngs
@@ -341,8 +329,8 @@ class GRUCell(nnx.Module, _ParamsTree):
         Raises:
           ValueError: if ``params`` is not a well-formed cell tree.
         """
-        params = interop._unwrap(params)
-        in_features, hidden = _core._cell_dims(params, "params")
+        params = _params.unwrap(params)
+        in_features, hidden = _params.cell_dims(params, "params")
         cell = nnx.eval_shape(
             lambda: cls(
                 in_features,
@@ -367,7 +355,7 @@ class GRUCell(nnx.Module, _ParamsTree):
           ``(h', h')``, each ``(*batch, H)`` in the dtype of ``carry``.
         """
         cell = {name: getattr(self, name)[...] for name in self._names()}
-        h_new = _core.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
+        h_new = _cell.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
         return h_new, h_new
 
     def _names(self):

@@ -42,11 +42,9 @@ SWEEP_BASE = Config("sweep", 16, 0, 128, 256)
 
 
 # Pause (untimed) before every timed call, so that each call starts on a quiet machine:
-# torch's OpenMP threads keep spinning for 5-20 ms after a call returns. Measured (B16 T64
-# forward of gru_jax, medians of 21): 9.6 ms after a call of its own, 13.9 ms right after a
-# torch call, 14.2 / 11.3 / 10.8 / 10.3 ms after a torch call and 1 / 5 / 20 / 50 ms of
-# sleep. With the rotated order below, the implementation listed after torch (gru_jax, the
-# first) ran right after torch in every round.
+# torch's OpenMP threads keep spinning for a while after a call returns and slow whatever
+# runs next (measured in the performance docs' design log). With the rotated order below,
+# the implementation listed after torch would otherwise always run right after it.
 SETTLE_SECONDS = 0.025
 
 

@@ -1,0 +1,432 @@
+"""The time loops of one layer: the strategies that :mod:`gru_jax._dispatch` chooses from.
+
+Each strategy runs every direction of one layer over time; the reverse direction reads its
+input valid-prefix-reversed (:func:`source`), so that every loop runs forward in time.
+
+* :func:`scan_layer`: a plain ``lax.scan`` of :func:`gru_jax._cell.fused_step`,
+  differentiated by JAX itself. Any ``reset_after``.
+* :func:`inplace_forward`: the reset-after forward pass that keeps no gates: it writes each
+  new state over a projection nothing reads again, in the caller's layout, and with
+  ``lengths`` runs the rows sorted by length in phases that skip most padded steps.
+* :func:`scan_with_partials`: the reset-after forward loop that also hands out the cell's
+  partial derivatives, for :mod:`gru_jax._derivative`.
+* :func:`gru_jax._remat.chunked_forward` (in a module of its own, with the chunking that the
+  derivative shares): the reset-after forward pass of ``remat``, projecting the input chunk
+  by chunk so that memory stays near the states.
+
+Layout: the reset-after loops take the input projections as separate per-gate arrays and run
+one ``(B, H) @ (H, 3H)`` hidden matmul per step and direction (batched over the directions),
+sliced per gate: the layouts measured fastest on the CPU (see the performance docs).
+
+This module imports jax and :mod:`gru_jax._cell`, :mod:`gru_jax._masking`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gru_jax import _cell, _masking
+
+# The unroll factor that ``unroll=None`` stands for off the CPU (measured on a GPU; see the
+# performance docs): every loop iteration there costs kernel launches.
+ACCELERATOR_UNROLL = 8
+
+# Inference with lengths runs the rows sorted by length in up to this many phases, each over
+# a static prefix of the rows (B, 3B/4, B/2, B/4) and only while a row of that prefix is
+# alive, as torch's PackedSequence shrinks its batch. More phases skip more padding and cost
+# compile time (each is a loop of its own); the performance docs have the measurements.
+PHASES = 4
+
+
+def default_unroll(backend: str | None = None) -> int:
+    """The time loops' unroll factor that ``unroll=None`` stands for on ``backend``.
+
+    ``1`` on the CPU, where a loop iteration is a few thunks and unrolling measured no
+    faster; :data:`ACCELERATOR_UNROLL` (8) on any other backend, where every iteration
+    costs kernel launches (measured on a GPU; a TPU takes the same value unmeasured).
+
+    Args:
+      backend: a JAX platform name (``"cpu"``, ``"gpu"``, ``"tpu"``, ...); ``None``: the
+        platform that computations go to at trace time: that of ``jax.default_device``
+        where one is set (say the CPU, on a machine with a GPU), else
+        ``jax.default_backend()``.
+    """
+    return 1 if (backend or platform()) == "cpu" else ACCELERATOR_UNROLL
+
+
+def platform() -> str:
+    """The platform that computations go to at trace time: that of ``jax.default_device``
+    where one is set (a device or a platform name), else ``jax.default_backend()``."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
+def check_unroll(unroll) -> int:
+    """``unroll`` as an ``int >= 1`` (``None``: :func:`default_unroll`), else ``ValueError``."""
+    if unroll is None:
+        return default_unroll()
+    try:  # any integer type (Python or NumPy), but not a float or a bool
+        value = None if isinstance(unroll, bool) else operator.index(unroll)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"unroll must be an integer >= 1 or None; got {unroll!r}")
+    return value
+
+
+class Options(NamedTuple):
+    """The static options of a layer's loops (hashable: a ``custom_jvp`` nondiff argument).
+
+    ``time_axis``: the time axis of the layer's input and states (0: ``(T, B, ·)``, 1:
+    ``(B, T, ·)``, a batch-first input read where it lies).
+    """
+
+    unroll: int
+    remat: bool
+    compute_dtype: Any
+    time_axis: int = 0
+
+
+class Recurrence(NamedTuple):
+    """A reset-after layer's hidden side, ready for the loops.
+
+    ``w``: ``(K, H, 3H)`` in the compute dtype; ``biases[k] = (b_r, b_z, b_n, b_hn)``,
+    direction ``k``'s biases as ``(H,)`` arrays in the accumulation dtype (or ``None``).
+    """
+
+    w: jax.Array
+    biases: tuple
+
+    @classmethod
+    def of(cls, w_hh, bias_x, b_hn, compute_dtype, acc_dtype) -> Recurrence:
+        num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+        biases = []
+        for k in range(num_dirs):
+            bx = [None] * 3
+            if bias_x is not None:
+                bx = [bias_x[k, g * hidden : (g + 1) * hidden].astype(acc_dtype) for g in range(3)]
+            biases.append((*bx, None if b_hn is None else b_hn[k].astype(acc_dtype)))
+        return cls(w_hh.astype(compute_dtype), tuple(biases))
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by the loops
+# --------------------------------------------------------------------------------------------
+
+
+def time_major(a, time_axis: int):
+    """``a`` with its time axis (0 or 1) moved to the front (its own inverse)."""
+    return jnp.swapaxes(a, 0, 1) if time_axis else a
+
+
+def source(xs, lengths, k: int, time_axis: int = 0):
+    """Direction ``k``'s input sequence in scan order (the reverse one valid-reversed)."""
+    return xs if k == 0 else _masking.reverse_valid(xs, lengths, time_axis)
+
+
+def mm(a, w, compute_dtype, acc_dtype, spec: str = "...i,io->...o"):
+    """``a @ w`` (or another 2-operand ``spec``) with inputs in ``compute_dtype``.
+
+    Leading axes of ``a`` are flattened into one: a 2-D matmul, whose transposes (the weight
+    gradients) XLA:CPU runs faster than those of a ``(T, B, D)`` einsum.
+    """
+    a, w = a.astype(compute_dtype), w.astype(compute_dtype)
+    if a.ndim > 2 and spec == "...i,io->...o":
+        out = jnp.matmul(a.reshape(-1, a.shape[-1]), w, preferred_element_type=acc_dtype)
+        return out.reshape((*a.shape[:-1], w.shape[-1]))
+    return jnp.einsum(spec, a, w, preferred_element_type=acc_dtype)
+
+
+def project(src, w_ih_k, compute_dtype, acc_dtype):
+    """``[x_r, x_z, x_n]``: the ``(T, B, H)`` input projections of one direction, no bias.
+
+    The bias is added where the projections are read (inside the loop's elementwise fusion),
+    which saves a pass over these arrays.
+    """
+    hidden = w_ih_k.shape[-1] // 3
+    return [
+        mm(src, w_ih_k[:, g * hidden : (g + 1) * hidden], compute_dtype, acc_dtype)
+        for g in range(3)
+    ]
+
+
+def plus(a, b):
+    """``a + b`` for ``b`` an ``(H,)`` bias (or ``None``), broadcast explicitly."""
+    return a if b is None else a + b.reshape((1,) * (a.ndim - 1) + b.shape)
+
+
+def hidden_matmuls(hs, w, compute_dtype, transposed: bool = False):
+    """``[hs[k] @ w[k]]`` for the ``K`` directions (``w``: ``(K, H, 3H)``; ``transposed``:
+    ``(K, 3H, H)``, used as ``hs[k] @ w[k].T``).
+
+    The forward loops run two directions as one matmul batched over ``K``; the tangent loop
+    (whose transpose is the backward loop) as separate matmuls: each the faster on the CPU.
+    """
+    acc_dtype = hs[0].dtype
+    spec = "bi,oi->bo" if transposed else "bi,io->bo"
+    if len(hs) == 1 or transposed:
+        return [mm(h, w[k], compute_dtype, acc_dtype, spec) for k, h in enumerate(hs)]
+    out = mm(jnp.stack(hs), w, compute_dtype, acc_dtype, "kbi,kio->kbo")
+    return [out[k] for k in range(len(hs))]
+
+
+def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False):
+    """One reset-after time step of every direction.
+
+    Args:
+      hs: per direction, the state ``(B, H)``.
+      x_t: per direction, its three ``(B, H)`` input projections of this step.
+      m_t: ``bool[B, 1]``, False where the step is past a sequence's end, or ``None``.
+      rec: the hidden side (:class:`Recurrence`).
+      compute_dtype: dtype of the matmul inputs.
+      partials: also return the cell's partial derivatives
+        (:func:`gru_jax._cell.reset_after_partials`) per direction.
+
+    Returns:
+      ``new_hs``, or ``(new_hs, partials)``.
+    """
+    hps = hidden_matmuls(hs, rec.w, compute_dtype)
+    new, saved = [], []
+    for k, h in enumerate(hs):
+        hidden = h.shape[-1]
+        x_r, x_z, x_n = x_t[k]
+        b_r, b_z, b_n, b_hn = rec.biases[k]
+        hp = [hps[k][..., g * hidden : (g + 1) * hidden] for g in range(3)]
+        args = (plus(x_r + hp[0], b_r), plus(x_z + hp[1], b_z), plus(x_n, b_n), plus(hp[2], b_hn))
+        if partials:
+            h_new, d = _cell.reset_after_partials(*args, h)
+            saved.append(d)
+        else:
+            h_new = _cell.reset_after_cell(*args, h)
+        if m_t is not None:
+            # Past a sequence's end its state is frozen, as with torch's PackedSequence.
+            h_new = jnp.where(m_t, h_new, h)
+        new.append(h_new)
+    return (tuple(new), tuple(saved)) if partials else tuple(new)
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy: the plain scan
+# --------------------------------------------------------------------------------------------
+
+
+def scan_layer(lp, xs, h0, lengths, *, reset_after, unroll, remat, compute_dtype):
+    """One layer, every direction in one ``lax.scan`` of the fused cell, time-major.
+
+    Chosen for ``reset_after=False``: JAX's own autodiff differentiates it, and it is the
+    simplest loop (one fused ``(K, B, H) @ (K, H, 3H)`` matmul per step).
+
+    Args:
+      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
+      xs: ``(T, B, D)``, zero at padded steps.
+      h0: ``(K, B, H)`` in the accumulation dtype.
+      lengths: ``int32[B]`` or ``None``.
+      reset_after, unroll, remat, compute_dtype: as :func:`gru_jax.gru`.
+
+    Returns:
+      ``(states, h_last)``: per direction the ``(T, B, H)`` states in scan order (the
+      reverse direction's valid-reversed) and the ``(K, B, H)`` last states.
+    """
+    acc_dtype = h0.dtype
+    w_ih, w_hh = lp["w_ih"], lp["w_hh"]
+    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
+    bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
+    xs_c, w_ih_c = xs.astype(compute_dtype), w_ih.astype(compute_dtype)
+    # The input projection of every step is one matmul outside the recurrence.
+    per_dir = []
+    for k in range(num_dirs):
+        xp_k = jnp.einsum(
+            "tbd,dg->tbg", source(xs_c, lengths, k), w_ih_c[k], preferred_element_type=acc_dtype
+        )
+        per_dir.append(xp_k if bias_x is None else xp_k + bias_x[k].astype(acc_dtype)[None, None])
+    xp = jnp.stack(per_dir, axis=1)  # (T, K, B, 3H)
+    b_hn = None if b_hn is None else b_hn[:, None, :].astype(acc_dtype)  # (K, 1, H)
+    steps = xs.shape[0]
+    # (T, 1, B, 1) against h (K, B, H).
+    mask = None if lengths is None else _masking.time_mask(lengths, steps)[:, None]
+
+    def body(h, inputs):
+        xp_t, m_t = inputs
+        h_new = _cell.fused_step(
+            xp_t, h, w_hh, b_hn, reset_after=reset_after, compute_dtype=compute_dtype
+        )
+        if m_t is not None:
+            # Past a sequence's end its state is frozen, as with torch's PackedSequence.
+            h_new = jnp.where(m_t, h_new, h)
+        return h_new, h_new
+
+    if remat:
+        body = jax.checkpoint(body)
+    h_last, ys = jax.lax.scan(body, h0, (xp, mask), unroll=unroll)  # ys: (T, K, B, H)
+    return tuple(ys[:, k] for k in range(num_dirs)), h_last
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy: the in-place (phased) forward pass
+# --------------------------------------------------------------------------------------------
+
+
+def run_steps(opts: Options, carry, xg, rec: Recurrence, lengths, *, start, stop,
+              n_from_states: bool, origin=0, rows=None):  # fmt: skip
+    """Steps ``[start, stop)`` of a loop that keeps no gates, writing the states in place.
+
+    Args:
+      opts: the loop options; ``opts.time_axis`` is that of ``xg`` and ``states``.
+      carry: ``(hs, states)``: the current state per direction, and per direction the array
+        that step ``t``'s state is written into (at ``t`` along the time axis).
+      xg: per direction, its three input projections, step ``t`` at position ``t - origin``.
+      rec: the hidden side.
+      lengths: ``int32[B]`` or ``None``.
+      start, stop: the steps to run; traced bounds run without unrolling.
+      n_from_states: read the ``n`` gate's projection of step ``t`` from ``states`` instead
+        of ``xg`` (the states overwrite it, see :func:`inplace_forward`).
+      origin: the step at position 0 of ``xg``.
+      rows: only the first ``rows`` sequences step (``hs`` then holds those rows); ``None``:
+        all of them.
+
+    Returns:
+      The carry after step ``stop - 1``.
+    """
+    ax, cd = opts.time_axis, opts.compute_dtype
+
+    def starts(a, t):
+        # One index dtype for the dynamic slices (int64 zeros under x64, int32 bounds).
+        out = [jnp.int32(0)] * a.ndim
+        out[ax] = jnp.asarray(t, jnp.int32)
+        return out
+
+    def at(a, j):
+        if rows is None:
+            return jax.lax.dynamic_index_in_dim(a, j, ax, False)
+        sizes = [*a.shape[:ax], 1, *a.shape[ax + 1 :]]
+        sizes[1 - ax] = rows
+        return jax.lax.squeeze(jax.lax.dynamic_slice(a, starts(a, j), sizes), (ax,))
+
+    def put(a, h, t):
+        if rows is None:
+            return jax.lax.dynamic_update_index_in_dim(a, h, t, ax)
+        return jax.lax.dynamic_update_slice(a, jnp.expand_dims(h, ax), starts(a, t))
+
+    alive = None if lengths is None else lengths[:rows]
+
+    def body(t, carry):
+        hs, states = carry
+        i = t if isinstance(origin, int) and origin == 0 else t - origin
+        x_t = [
+            (at(g[0], i), at(g[1], i), at(st, t) if n_from_states else at(g[2], i))
+            for g, st in zip(xg, states, strict=True)
+        ]
+        # In scan order both directions are valid for t < length.
+        m_t = None if alive is None else (t < alive)[:, None]
+        hs = step(hs, x_t, m_t, rec, cd)
+        states = tuple(put(st, h, t) for st, h in zip(states, hs, strict=True))
+        return hs, states
+
+    static_bounds = isinstance(start, int) and isinstance(stop, int)
+    unroll = opts.unroll if static_bounds else 1
+    return jax.lax.fori_loop(start, stop, body, carry, unroll=unroll)
+
+
+def phase_bounds(batch: int, phases: int) -> list[int]:
+    """``0 = b_0 < b_1 < ... < b_P = B``: the row prefixes ``[0, b_j)`` of the phases."""
+    return sorted({round(j * batch / phases) for j in range(phases + 1)})
+
+
+def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
+    """The reset-after forward pass that keeps no gates (inference), in ``opts.time_axis``'s
+    layout.
+
+    Chosen for the primal of every reset-after layer (see :mod:`gru_jax._dispatch`). The
+    input projections of all steps come first; the loop then reads step ``t`` of them and
+    writes the new state into the slot of the ``n`` gate's projection of step ``t``, which
+    nothing reads again: that array leaves the loop as the states, so the output needs no
+    buffer of its own. A batch-first input is read where it lies and its output written
+    batch-first, without transposing either.
+
+    With ``lengths`` and ``unroll=1`` the rows run sorted by length, in phases (see
+    :data:`PHASES`), so that most padded steps are skipped (their states are left unwritten:
+    the caller masks the output). Phases need traced loop bounds, which rule out unrolling.
+
+    Args:
+      opts: the loop options.
+      xs: ``(T, B, D)`` (``(B, T, D)`` for ``time_axis=1``), zero at padded steps.
+      w_ih: ``(K, D, 3H)``; bias_x: ``(K, 3H)`` or ``None``; w_hh: ``(K, H, 3H)``;
+        b_hn: ``(K, H)`` or ``None`` (see :func:`gru_jax._cell.split_bias`).
+      h0: ``(K, B, H)`` in the accumulation dtype.
+      lengths: ``int32[B]`` or ``None``.
+
+    Returns:
+      ``(states, h_last)``: per direction the states in scan order, in the input's layout,
+      and the last states ``(B, H)``.
+    """
+    ax = opts.time_axis
+    acc_dtype, cd = h0.dtype, opts.compute_dtype
+    num_dirs = w_hh.shape[0]
+    steps, batch = xs.shape[ax], xs.shape[1 - ax]
+    rec = Recurrence.of(w_hh, bias_x, b_hn, cd, acc_dtype)
+    phased = lengths is not None and steps > 0 and batch > 0 and opts.unroll == 1
+    if phased:
+        order = jnp.argsort(-lengths, stable=True)
+        lengths = lengths[order]
+        xs = jnp.take(xs, order, axis=1 - ax)
+        h0 = jnp.take(h0, order, axis=1)
+    xg = [project(source(xs, lengths, k, ax), w_ih[k], cd, acc_dtype) for k in range(num_dirs)]
+    hs, states = tuple(h0[k] for k in range(num_dirs)), tuple(g[2] for g in xg)
+    if not phased:
+        if steps:
+            hs, states = run_steps(
+                opts, (hs, states), xg, rec, lengths, start=0, stop=steps, n_from_states=True
+            )
+        return states, hs
+    start = 0
+    for lo, rows in reversed(list(itertools.pairwise(phase_bounds(batch, min(PHASES, batch))))):
+        # Rows [0, rows) step while row `lo` (the longest of those the next phase drops)
+        # is alive; sorted lengths make the phases contiguous in time.
+        stop = lengths[lo]
+        sub, states = run_steps(
+            opts, (tuple(h[:rows] for h in hs), states), xg, rec, lengths,
+            start=start, stop=stop, n_from_states=True, rows=rows,
+        )  # fmt: skip
+        hs = tuple(jnp.concatenate([a, h[rows:]]) for a, h in zip(sub, hs, strict=True))
+        start = stop
+    unsort = jnp.argsort(order)
+    return (
+        tuple(jnp.take(st, unsort, axis=1 - ax) for st in states),
+        tuple(jnp.take(h, unsort, axis=0) for h in hs),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy: the scan that hands out partial derivatives (for the derivative)
+# --------------------------------------------------------------------------------------------
+
+
+def scan_with_partials(xg, rec: Recurrence, h0, mask, opts: Options):
+    """The reset-after forward loop that also hands out the cell's partial derivatives,
+    time-major; chosen by :mod:`gru_jax._derivative` for every stretch it linearizes.
+
+    Args:
+      xg: per direction, its three ``(T, B, H)`` input projections in scan order.
+      rec: the hidden side.
+      h0: per direction, the state before the first step, ``(B, H)``.
+      mask: ``bool[T, B, 1]`` or ``None``.
+      opts: the loop options.
+
+    Returns:
+      ``(h_last, (states, partials))``: per direction the state after each sequence's last
+      step, the ``(T, B, H)`` states, and the five ``(T, B, H)`` partial derivatives of
+      :func:`gru_jax._cell.reset_after_partials`.
+    """
+
+    def body(hs, inputs):
+        new, partials = step(hs, *inputs, rec, opts.compute_dtype, partials=True)
+        return new, (new, partials)
+
+    return jax.lax.scan(body, tuple(h0), (xg, mask), unroll=opts.unroll)
