@@ -10,7 +10,8 @@ store it as is and it restores into either module::
     blob = checkpoint.to_bytes(tree)              # msgpack (flax.serialization)
     tree = checkpoint.from_bytes(blob)
 
-orbax-checkpoint is an optional dependency (``pip install 'gru-jax[checkpoint]'``), imported
+orbax-checkpoint is an optional dependency (the ``checkpoint`` extra, see the README's
+Installation section), imported
 only by :func:`save` and :func:`restore`; the msgpack functions need only Flax.
 
 Given a ``target``, restoring checks that the stored tree has exactly the target's keys and
@@ -36,7 +37,8 @@ def _orbax():
     except ImportError as err:
         raise ImportError(
             "gru_jax.checkpoint.save/restore need orbax-checkpoint: "
-            "pip install 'gru-jax[checkpoint]' (or pip install orbax-checkpoint); "
+            "pip install 'gru-jax[checkpoint] @ git+https://github.com/gru-jax/gru_jax' "
+            "(from a clone: pip install -e '.[checkpoint]'; or pip install orbax-checkpoint); "
             "to_bytes/from_bytes work without it"
         ) from err
     return ocp
