@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +36,10 @@ from gru_jax.linen import GRU
 
 NUM_CHANNELS = 12
 NUM_CLASSES = 9
-_INSTALL_HINT = "pip install 'gru-jax[demo]'"
+_INSTALL_HINT = (
+    "make demo (from a clone), or pip install -e '.[demo]', or "
+    "pip install 'gru-jax[demo] @ git+https://github.com/gru-jax/gru_jax'"
+)
 
 
 class DemoError(Exception):
@@ -230,12 +234,21 @@ def train(
     dropout: float = 0.0,
     data_dir=None,
     progress: bool = True,
+    state_dir: Path | None = None,
 ):
     """Trains the classifier; returns ``(params, history, norm)``.
 
     ``history`` maps ``"loss"``, ``"train_acc"``, ``"test_acc"`` to per-epoch lists (the test
     accuracy is only recorded for the curves; nothing is selected by it). ``norm`` holds the
     training-set channel ``mean`` and ``std`` the inputs were standardized with.
+
+    With a ``state_dir``, the training state (params, optimizer state, the rng key that
+    draws each epoch's data order and dropout masks, the epoch and the history) is saved
+    there with orbax's ``CheckpointManager`` after every epoch, and a state already there is
+    resumed from its last complete checkpoint: a run killed at any point and started again
+    ends with the same numbers as one that was never interrupted. orbax writes each
+    checkpoint to a temporary folder and renames it when complete, so a partly written one is
+    never loaded.
     """
     tqdm = _require("tqdm").tqdm
     x_tr, len_tr, y_tr = load_japanese_vowels("train", data_dir)
@@ -282,24 +295,69 @@ def train(
     def accuracy(p, x, lengths, y):
         return (model.apply({"params": p}, x, lengths).argmax(-1) == y).mean()
 
-    history = {
-        "loss": [],
-        "train_acc": [],
-        "test_acc": [],
-        "num_test": len(y_te),
-        "dropout": dropout,
-    }
-    bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
-    for _ in bar:
+    curves = {name: np.zeros(epochs, np.float32) for name in ("loss", "train_acc", "test_acc")}
+    state = {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)}
+    state["curves"] = curves
+    manager, done = None, 0
+    if state_dir is not None:
+        manager = _state_manager(state_dir)
+        if manager.latest_step() is not None:
+            done = manager.latest_step()
+            state = _restore_state(manager, done, state)
+            if progress:
+                print(f"resuming after epoch {done} of {epochs} from {state_dir}")
+    params, opt_state, curves = state["params"], state["opt_state"], state["curves"]
+    key = jax.random.wrap_key_data(state["key"])
+
+    if done < epochs:
+        if progress:
+            print("compiling the training epoch (once per run)...", flush=True)
+        start = time.perf_counter()
+        train_epoch = train_epoch.lower(params, opt_state, key).compile()
+        if progress:
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+    bar = tqdm(
+        range(done, epochs), desc="training", unit="epoch", disable=not progress,
+        initial=done, total=epochs,
+    )  # fmt: skip
+    for epoch in bar:
         key, k = jax.random.split(key)
         params, opt_state, loss, acc = train_epoch(params, opt_state, k)
         test_acc = float(accuracy(params, x_te, len_te, y_te))
-        history["loss"].append(float(loss))
-        history["train_acc"].append(float(acc))
-        history["test_acc"].append(test_acc)
+        curves["loss"][epoch], curves["train_acc"][epoch] = float(loss), float(acc)
+        curves["test_acc"][epoch] = test_acc
         bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}", test=f"{test_acc:.3f}")
+        if manager is not None:
+            state = {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)}
+            state["curves"] = curves
+            manager.save(epoch + 1, args=_ocp().args.StandardSave(state))
     bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    history = {name: [float(v) for v in curves[name]] for name in curves}
+    history.update(num_test=len(y_te), dropout=dropout)
     return params, history, {"mean": mean, "std": std}
+
+
+def _ocp():
+    return _require("orbax.checkpoint")
+
+
+def _state_manager(state_dir: Path):
+    """orbax's ``CheckpointManager`` of the training state, one checkpoint per epoch."""
+    ocp = _ocp()
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(state_dir).absolute(), options=options)
+
+
+def _restore_state(manager, step: int, like):
+    """The state saved after epoch ``step``, with ``like``'s tree structure and dtypes."""
+    ocp = _ocp()
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), like)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    restored["curves"] = {k: np.array(v, np.float32) for k, v in restored["curves"].items()}
+    return restored
 
 
 def save_checkpoint(path: Path, params, norm, config: dict) -> None:
@@ -309,7 +367,7 @@ def save_checkpoint(path: Path, params, norm, config: dict) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, {"params": params, "norm": norm}, force=True)
         checkpointer.wait_until_finished()
-    path.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_atomically(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
 
 
 def restore_checkpoint(path: Path):
@@ -402,7 +460,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder with JapaneseVowels_{TRAIN,TEST}.ts; None: the sktime package's copy",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in --out, deleting a finished or unfinished run there (without it, "
+        "a finished run is never overwritten and an unfinished one is resumed)",
+    )
     return parser
+
+
+# What a resumed run must share with the run it resumes.
+_RUN_KEYS = ("hidden", "dropout", "epochs", "seed", "data_dir")
+
+
+def _prepare_out(out: Path, run: dict, force: bool) -> Path:
+    """Checks ``out`` against a run already there; returns the training-state folder.
+
+    A finished run (its ``checkpoint.json``) is never overwritten without ``force``; an
+    unfinished one (its ``train_state/``) is resumed when it has the same settings.
+    """
+    state_dir, run_file = out / "train_state", out / "train_state.json"
+    finished = out / "checkpoint.json"
+    if force:
+        for path in (state_dir, out / "checkpoint"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (run_file, finished, out / "learning_curves.png"):
+            path.unlink(missing_ok=True)
+    elif finished.exists():
+        raise DemoError(
+            f"{out} holds a finished run ({finished}); pass --out to write elsewhere or "
+            "--force to overwrite it"
+        )
+    elif run_file.exists():
+        before = json.loads(run_file.read_text())
+        if before != run:
+            diff = ", ".join(
+                f"{k}: {before.get(k)} -> {run[k]}" for k in run if before.get(k) != run[k]
+            )
+            raise DemoError(
+                f"{out} holds an unfinished run with other settings ({diff}); rerun with the "
+                "same settings to resume it, or pass --force to start over"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DemoError(f"cannot create the output folder {out}: {err}") from None
+    _write_atomically(run_file, json.dumps(run, indent=2) + "\n")
+    return state_dir
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -415,10 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _require(module)
         if args.data_dir is None:
             dataset_dir()
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise DemoError(f"cannot create the output folder {args.out}: {err}") from None
+        run = {k: getattr(args, k) for k in _RUN_KEYS}
+        run["data_dir"] = None if args.data_dir is None else str(args.data_dir)
+        state_dir = _prepare_out(args.out, run, args.force)
         params, history, norm = train(
             epochs=args.epochs,
             seed=args.seed,
@@ -426,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dropout=args.dropout,
             data_dir=args.data_dir,
             progress=not args.quiet,
+            state_dir=state_dir,
         )
         config = {
             "hidden": args.hidden,
@@ -435,14 +546,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "test_accuracy": history["test_acc"][-1],
             "history": {k: history[k] for k in ("loss", "train_acc", "test_acc")},
         }
-        save_checkpoint(args.out / "checkpoint", params, norm, config)
         plot_history(history, args.out / "learning_curves.png")
+        # checkpoint.json, written last, marks the run finished; the training state goes.
+        save_checkpoint(args.out / "checkpoint", params, norm, config)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        (args.out / "train_state.json").unlink(missing_ok=True)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     acc = history["test_acc"][-1]
     n_test = history["num_test"]
     print(f"test accuracy: {acc:.2%} ({round(acc * n_test)}/{n_test})")
+    print(f"final training loss: {history['loss'][-1]:.6f}")
     print(f"saved {args.out / 'checkpoint'} and {args.out / 'learning_curves.png'}")
     print(f"total time: {time.perf_counter() - start:.1f} s")
     return 0

@@ -2,8 +2,13 @@
 
 import importlib.util
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -121,7 +126,8 @@ def test_cli_missing_package_says_what_to_install(monkeypatch, tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "pip install 'gru-jax[demo]'" in err and module.split(".")[0] in err
+    assert "pip install -e '.[demo]'" in err and module.split(".")[0] in err
+    assert "pip install 'gru-jax[demo] @ git+https://github.com/gru-jax/gru_jax'" in err
     assert not (tmp_path / "out").exists()  # it failed before training
 
 
@@ -161,3 +167,77 @@ def test_short_run_learns_and_saves(tmp_path, capsys):
     accuracy = float(np.mean(np.asarray(jax.numpy.argmax(logits, -1)) == y))
     assert accuracy == pytest.approx(config["test_accuracy"], abs=1e-6)
     assert accuracy > 1 / 9  # better than chance after two epochs
+
+
+def _demo(out, *extra, epochs=12):
+    """argv of a short demo run (seed 3, hidden 8) into ``out``."""
+    argv = ["--epochs", str(epochs), "--hidden", "8", "--seed", "3", "--out", str(out)]
+    return [sys.executable, "-m", "gru_jax.demo", *argv, *extra]
+
+
+def _finished(proc_out: str) -> tuple[str, str]:
+    accuracy = re.search(r"^test accuracy: .*$", proc_out, re.M)
+    loss = re.search(r"^final training loss: .*$", proc_out, re.M)
+    assert accuracy and loss, proc_out
+    return accuracy.group(0), loss.group(0)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    """A real SIGKILL mid-training, then a rerun: it resumes from the last complete
+    checkpoint and prints the same test accuracy and loss as an uninterrupted run."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    whole = subprocess.run(
+        _demo(tmp_path / "whole", "--quiet"), capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    want = _finished(whole.stdout)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_demo(out, "--quiet"), env=env, stderr=subprocess.PIPE, text=True)
+    state = out / "train_state"
+    deadline = time.monotonic() + 240
+    try:
+        # Kill once two epochs are checkpointed (orbax names a complete step's folder "N").
+        while not (state.is_dir() and any(p.name.isdigit() and int(p.name) >= 2
+                                          for p in state.iterdir())):  # fmt: skip
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "checkpoint.json").exists()  # it did not finish
+
+    # A half-written checkpoint of a later epoch (orbax's temporary folder) is never loaded.
+    fake = state / "11.orbax-checkpoint-tmp-1"
+    fake.mkdir()
+    (fake / "garbage").write_text("not a checkpoint")
+
+    resumed = subprocess.run(_demo(out), capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    done = int(re.search(r"resuming after epoch (\d+) of 12", resumed.stdout).group(1))
+    assert 2 <= done < 11
+    assert _finished(resumed.stdout) == want
+    assert not state.exists()  # the finished run keeps its final checkpoint only
+
+
+def test_finished_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.json").write_text("{}")
+    code = demo.main(["--epochs", "1", "--hidden", "8", "--out", str(out), "--quiet"])
+    assert code == 1
+    assert (out / "checkpoint.json").read_text() == "{}"
+
+
+def test_unfinished_run_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    run = {"hidden": 16, "dropout": 0.0, "epochs": 1, "seed": 0, "data_dir": None}
+    (out / "train_state.json").write_text(json.dumps(run))
+    code = demo.main(["--epochs", "1", "--hidden", "8", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "hidden: 16 -> 8" in err and "--force" in err
