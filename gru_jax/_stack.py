@@ -129,7 +129,8 @@ def gru(
         )
     if x.shape[-1] != in_features:
         raise ValueError(
-            f"x must have {in_features} features (last axis) to match params; got shape {x.shape}"
+            f"x must have {in_features} features (last axis) to match params; got shape "
+            f"{x.shape}" + _feature_hint(x, in_features)
         )
     unbatched = x.ndim == 2
     # Every layer works in x's own layout: a batch-first input is read, and the output
@@ -143,12 +144,20 @@ def gru(
         states = num_layers * num_dirs
         want = (states, hidden) if unbatched else (states, batch, hidden)
         if h0.shape != want:
+            got = h0.shape[1] if h0.ndim == 3 else None
             raise ValueError(
-                f"h0 must have shape (L*K, {'H' if unbatched else 'B, H'}) = {want}; got {h0.shape}"
+                f"h0 must have shape (L*K, {'H' if unbatched else 'B, H'}) = {want}; got "
+                f"{h0.shape}" + _layout_hint(x, batch_first, got)
             )
     if lengths is not None:
         if unbatched and jnp.ndim(lengths) == 0:
             lengths = jnp.reshape(jnp.asarray(lengths), (1,))
+        got = jnp.shape(lengths)[0] if jnp.ndim(lengths) == 1 else None
+        if not unbatched and got != batch:
+            raise ValueError(
+                f"lengths must have shape (B,) = ({batch},) to match x; got shape "
+                f"{jnp.shape(lengths)}" + _layout_hint(x, batch_first, got)
+            )
         lengths = _masking.prepare_lengths(lengths, batch, steps, checkify_lengths=checkify_lengths)
     if not (dropout > 0.0 and num_layers > 1):
         key = None
@@ -157,6 +166,32 @@ def gru(
         compute_dtype, acc_dtype, impl,
     )  # fmt: skip
     return _stack(config, params, x, h0, lengths, key)
+
+
+def _feature_hint(x, in_features: int) -> str:
+    """Why ``x``'s last axis may not be the features, when its shape suggests it."""
+    if x.ndim == 2:
+        return (
+            "; a rank-2 x is one unbatched sequence (T, D): a batch of sequences of "
+            "scalars (B, T) needs a feature axis, x[..., None]"
+        )
+    if in_features in x.shape[:-1]:
+        return f"; the features (here {in_features}) must be on the last axis"
+    return ""
+
+
+def _layout_hint(x, batch_first: bool, got) -> str:
+    """A ``batch_first`` hint for a batch-size mismatch that the swapped layout explains."""
+    if x.ndim != 3 or got is None:
+        return ""
+    other = x.shape[1] if batch_first else x.shape[0]
+    if got != other:
+        return ""
+    read, swapped = ("(B, T, D)", "(T, B, D)") if batch_first else ("(T, B, D)", "(B, T, D)")
+    return (
+        f"; x {x.shape} is read as {read} because batch_first={batch_first}: if it is "
+        f"{swapped}, pass batch_first={not batch_first}"
+    )
 
 
 def check_dropout(dropout) -> None:

@@ -29,7 +29,10 @@ class GRU(nn.Module):
       batch_first: ``x``/``output`` are ``(B, T, ·)`` if True (default, unlike torch) else
         ``(T, B, ·)``.
       dropout: drop probability on each layer's output but the last, when
-        ``deterministic=False``; drawn from the ``'dropout'`` rng stream.
+        ``deterministic=False``; drawn from the ``'dropout'`` rng stream. A module that can
+        drop (``dropout > 0``, two layers or more) must be told its mode: ``deterministic``
+        as an attribute or at the call (as ``flax.linen.Dropout``); an ``apply`` without
+        either raises ``ValueError`` rather than guess (``init`` needs neither).
       bidirectional: run a reverse direction too (``K = 2``).
       reset_after: ``True``: torch/cuDNN cell; ``False``: Cho et al. (2014).
       dtype: matmul input dtype (e.g. ``jnp.bfloat16``); carry and gates stay float32.
@@ -42,8 +45,10 @@ class GRU(nn.Module):
       remat: recompute steps in the backward pass to save memory.
       impl: the time loops: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
         (:func:`gru_jax.gru`).
+      deterministic: the default mode: ``True`` no dropout (inference), ``False`` dropout
+        (training); ``None``: given at the call.
 
-    Call ``gru(x, h0=None, *, lengths=None, deterministic=True) -> (output, h_n)``; shapes as
+    Call ``gru(x, h0=None, *, lengths=None, deterministic=None) -> (output, h_n)``; shapes as
     :func:`gru_jax.gru`.
     """
 
@@ -62,9 +67,10 @@ class GRU(nn.Module):
     unroll: int | None = None
     remat: bool = False
     impl: str = "auto"
+    deterministic: bool | None = None
 
     @nn.compact
-    def __call__(self, x, h0=None, *, lengths=None, deterministic: bool = True):
+    def __call__(self, x, h0=None, *, lengths=None, deterministic: bool | None = None):
         """Runs the GRU.
 
         Args:
@@ -72,7 +78,12 @@ class GRU(nn.Module):
           h0: ``(L*K, B, H)`` (unbatched ``(L*K, H)``) or ``None`` for zeros.
           lengths: integer ``(B,)`` valid lengths in ``[0, T]``, or ``None``.
           deterministic: if False and ``dropout > 0``, apply dropout between layers using the
-            ``'dropout'`` rng stream.
+            ``'dropout'`` rng stream; ``None``: the module's ``deterministic`` attribute.
+
+        Raises:
+          ValueError: as :func:`gru_jax.gru`; also when the module can drop and neither the
+            call nor the module says ``deterministic``, or dropout is on and no
+            ``'dropout'`` rng was given.
 
         Returns:
           ``(output, h_n)``: ``(B, T, K*H)`` (or time-major/unbatched) and ``(L*K, B, H)``.
@@ -95,8 +106,30 @@ class GRU(nn.Module):
                 d_in = x.shape[-1] if layer == 0 else options.num_directions * self.hidden_size
                 params[name] = self.param(name, self._init_layer, d_in)
         options.check_params(params)
-        key = self.make_rng("dropout") if options.drops(deterministic) else None
+        key = None
+        if options.drops(self._mode(options, deterministic)):
+            if not self.has_rng("dropout"):
+                raise ValueError(
+                    f"GRU(dropout={self.dropout}) with deterministic=False needs a 'dropout' rng: "
+                    "model.apply(variables, x, deterministic=False, rngs={'dropout': key})"
+                )
+            key = self.make_rng("dropout")
         return options.run(params, x, h0, lengths=lengths, key=key)
+
+    def _mode(self, options, deterministic: bool | None) -> bool:
+        """The call's ``deterministic``, else the attribute's; refuses to guess when it
+        matters (a module that can drop, outside ``init``)."""
+        mode = self.deterministic if deterministic is None else deterministic
+        if mode is None:
+            if options.drops(False) and not self.is_initializing():
+                raise ValueError(
+                    f"GRU(dropout={self.dropout}) needs its mode: pass deterministic=True "
+                    "(inference, no dropout) or deterministic=False with "
+                    "rngs={'dropout': key} (training) to apply, or set it as the module's "
+                    "deterministic attribute"
+                )
+            mode = True
+        return mode
 
     def _init_layer(self, key, in_features: int):
         return initializers.init_gru(

@@ -32,6 +32,26 @@ from gru_jax import _cell, _options, _params, initializers
 Initializer = initializers.Initializer
 
 
+def as_rngs(rngs, name: str = "rngs") -> nnx.Rngs:
+    """``rngs`` as an ``nnx.Rngs``: one as is, an int seed or a PRNG key as its default
+    stream (as flax's own NNX modules take them).
+
+    Raises:
+      TypeError: for anything else.
+    """
+    if isinstance(rngs, nnx.Rngs):
+        return rngs
+    is_key = isinstance(rngs, jax.Array) and (
+        jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key)
+        or (rngs.dtype == jnp.uint32 and rngs.shape == (2,))
+    )
+    if (isinstance(rngs, int) and not isinstance(rngs, bool)) or is_key:
+        return nnx.Rngs(rngs)
+    raise TypeError(
+        f"{name} must be an nnx.Rngs, an int seed or a PRNG key; got {type(rngs).__name__}"
+    )
+
+
 class _ParamsTree:
     """Reading and checked loading of a module's params tree (shared by GRU and GRUCell)."""
 
@@ -91,7 +111,8 @@ class GRU(nnx.Module, _ParamsTree):
       deterministic: initial mode; ``False`` (training, as ``nnx.Dropout``) applies dropout.
         Set by ``model.train()`` / ``model.eval()`` or ``nnx.view(model, deterministic=...)``,
         overridden per call.
-      rngs: ``nnx.Rngs``; the ``params`` stream initializes the weights and the ``dropout``
+      rngs: ``nnx.Rngs`` (or an int seed or PRNG key, its default stream); the ``params``
+        stream initializes the weights and the ``dropout``
         stream (falling back to ``default``) is forked for dropout.
 
     Attributes:
@@ -122,9 +143,10 @@ class GRU(nnx.Module, _ParamsTree):
         impl: str = "auto",
         *,
         deterministic: bool = False,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | int | jax.Array,
     ):
         initializers.check_size("in_features", in_features)
+        rngs = as_rngs(rngs)
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -172,7 +194,9 @@ class GRU(nnx.Module, _ParamsTree):
             pass  # No stream: pass `rngs` to __call__ when training.
 
     @classmethod
-    def from_params(cls, params, *, rngs: nnx.Rngs | None = None, **options) -> GRU:
+    def from_params(
+        cls, params, *, rngs: nnx.Rngs | int | jax.Array | None = None, **options
+    ) -> GRU:
         """Builds a module around an existing stack params tree (no random initialization).
 
         ``in_features``, ``hidden_size``, ``num_layers``, ``bidirectional``, ``bias`` and
@@ -208,7 +232,7 @@ class GRU(nnx.Module, _ParamsTree):
             )
         )
         model.load_params(params)
-        model._attach_rngs(rngs)
+        model._attach_rngs(None if rngs is None else as_rngs(rngs))
         return model
 
     def __call__(self, x, h0=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
@@ -247,6 +271,8 @@ class GRU(nnx.Module, _ParamsTree):
             return source()
         if isinstance(source, jax.Array):
             return source
+        if isinstance(source, int) and not isinstance(source, bool):
+            return jax.random.key(source)
         if source is None:
             raise ValueError(
                 "dropout is active (deterministic=False) but the module has no 'dropout' or "
@@ -254,7 +280,8 @@ class GRU(nnx.Module, _ParamsTree):
                 "pass rngs= to the call, or use model.eval() / deterministic=True"
             )
         raise TypeError(
-            f"rngs must be an nnx.Rngs, nnx.RngStream or PRNG key; got {type(source).__name__}"
+            "rngs must be an nnx.Rngs, nnx.RngStream, PRNG key or int seed; got "
+            f"{type(source).__name__}"
         )
 
 
@@ -273,7 +300,8 @@ class GRUCell(nnx.Module, _ParamsTree):
       reset_after: ``True``: torch cell; ``False``: Cho et al. (2014).
       dtype, param_dtype, kernel_init, recurrent_kernel_init, bias_init: as :class:`GRU`.
       carry_init: initializer of the carry in :meth:`initialize_carry`; ``None``: zeros.
-      rngs: ``nnx.Rngs``; the ``params`` stream initializes the weights.
+      rngs: ``nnx.Rngs`` (or an int seed or PRNG key); the ``params`` stream initializes
+        the weights.
 
     Attributes:
       w_ih, w_hh, b_ih, b_hh: ``nnx.Param`` of shapes ``(D, 3H)``, ``(H, 3H)``, ``(3H,)``,
@@ -293,10 +321,11 @@ class GRUCell(nnx.Module, _ParamsTree):
         bias_init: Initializer | None = None,
         carry_init: Initializer | None = None,
         *,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | int | jax.Array,
     ):
         initializers.check_size("in_features", in_features)
         initializers.check_size("hidden_size", hidden_size)
+        rngs = as_rngs(rngs)
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.bias = bias

@@ -200,3 +200,15 @@ def test_bfloat16_run_reports_errors(tmp_path):
     assert len(errors) == 2 and all(1e-4 < e < 5e-2 for e in errors)
     assert "## Peers (bfloat16)" in md and "max abs error |" in md
     assert f"| {errors[0]:.1e} |" in md
+
+
+def test_help_lists_the_configs_and_how_long_a_run_takes(capsys):
+    from gru_jax.bench import _cli, _harness
+
+    with pytest.raises(SystemExit) as info:
+        _cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cfg in _harness.CONFIGS:
+        assert f"{cfg.name}" in out and cfg.describe() in out
+    assert "--quick run" in out and "minutes" in out

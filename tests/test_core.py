@@ -291,7 +291,7 @@ def test_linen_dropout_uses_dropout_stream_only_when_not_deterministic():
     model = gru_jax.GRU(8, num_layers=2, dropout=0.5)
     x = jax.random.normal(jax.random.key(16), (2, 5, 3))
     variables = model.init(jax.random.key(0), x)
-    det, _ = model.apply(variables, x)
+    det, _ = model.apply(variables, x, deterministic=True)
     no_drop, _ = gru_jax.GRU(8, num_layers=2).apply(variables, x)
     np.testing.assert_array_equal(det, no_drop)
     t1, _ = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})

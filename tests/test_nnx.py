@@ -258,3 +258,23 @@ def test_cell_initialize_carry():
 def test_bad_construction_raises(make, msg):
     with pytest.raises(ValueError, match=msg):
         make()
+
+
+def test_rngs_accepts_an_int_seed_or_a_key_as_flax_modules_do():
+    """``rngs=0`` or a bare key is the default stream, as for flax's own NNX modules: the same
+    weights as ``nnx.Rngs(0)``, and dropout draws from it."""
+    x = jax.random.normal(jax.random.key(1), (2, 5, D))
+    want = gnnx.GRU(D, H, num_layers=2, rngs=nnx.Rngs(7)).params_tree()
+    for rngs in (7, jax.random.key(7)):
+        got = gnnx.GRU(D, H, num_layers=2, rngs=rngs).params_tree()
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    cell = gnnx.GRUCell(D, H, rngs=3).params_tree()
+    jax.tree.map(
+        np.testing.assert_array_equal, cell, gnnx.GRUCell(D, H, rngs=nnx.Rngs(3)).params_tree()
+    )
+    model = gnnx.GRU(D, H, num_layers=2, dropout=0.5, rngs=0)
+    a, _ = model(x)
+    b, _ = model(x)
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3  # a fresh mask per call, from the stream
+    with pytest.raises(TypeError, match=r"rngs must be an nnx\.Rngs, an int seed or a PRNG key"):
+        gnnx.GRU(D, H, rngs=1.5)

@@ -243,9 +243,18 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    configs = "\n".join(f"  {c.name:17s} {c.describe()}" for c in h.CONFIGS)
     parser = argparse.ArgumentParser(
         prog="python -m gru_jax.bench",
         description="Times gru_jax against flax, Keras 3 (JAX) and torch GRUs in one process.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            f"configs (--configs):\n{configs}\n\n"
+            "How long: on a 2-core CPU a --quick run (long at T=512, 7 reps) takes about "
+            "2.5 minutes and a --quick --reps 11 run about 3.5; a full run adds the long "
+            "config at T=2048 (about a minute alone) and longer sweeps. Run it alone on the "
+            "machine: other processes make torch's threads, and so the ratios, unreliable."
+        ),
     )
     parser.add_argument(
         "--quick", action="store_true", help="smaller sweeps and the long config at T=512"
