@@ -96,16 +96,27 @@ def restore(path, target=None):
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     with ocp.StandardCheckpointer() as ckptr:
-        if target is None:
-            return ckptr.restore(path)
         stored = ckptr.metadata(path).item_metadata
-        if stored is not None:
+        if target is None:
+            target = _as_tree(stored)
+        elif stored is not None:
             _params.check_same_tree(target, _as_tree(stored), f"checkpoint {path}")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+        # Each array onto the target's devices, or this process's first: a checkpoint
+        # written by several devices or processes restores on any topology.
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda a: _abstract(a, default), target)
         try:
             return ckptr.restore(path, abstract)
         except ValueError as err:
             raise ValueError(f"checkpoint {path} does not match target: {err}") from err
+
+
+def _abstract(a, default):
+    """``a``'s shape and dtype, on ``a``'s sharding if it is an array's, else on ``default``."""
+    sharding = getattr(a, "sharding", None)
+    if not isinstance(sharding, jax.sharding.Sharding):
+        sharding = default
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
 
 
 def _as_tree(metadata):

@@ -88,7 +88,7 @@ def test_msgpack_round_trip_is_exact_and_checked():
 
 def test_missing_orbax_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install 'gru-jax\[checkpoint\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[checkpoint\]'"):
         checkpoint.save(tmp_path / "c", {"w": jnp.zeros(2)})
     with pytest.raises(ImportError, match="orbax-checkpoint"):
         checkpoint.restore(tmp_path / "c")
