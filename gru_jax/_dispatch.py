@@ -3,21 +3,23 @@
 :func:`run_layer` is the only caller of the loop strategies of :mod:`gru_jax._loops` (and of
 the derivative that wraps them). The rule, in order:
 
-1. ``reset_after=False`` (Cho et al.): :func:`gru_jax._loops.scan_layer`, a plain scan that
+0. Symbolic shapes (``jax.export`` with a symbolic batch size or time): the rule below with
+   ``unroll=1`` and without inference's phases, whose unrolled trip counts and row
+   prefixes need concrete sizes; the program is then the same for every shape.
+1. ``impl="pallas"``: :func:`gru_jax._pallas.layer`, one fused Pallas kernel per layer for
+   the whole sequence, with its own custom VJP (either ``reset_after``); chosen only when
+   asked for (see :func:`resolve_impl`).
+2. ``reset_after=False`` (Cho et al.): :func:`gru_jax._loops.scan_layer`, a plain scan that
    JAX differentiates itself. The variant is rare and its matmul after the reset gate leaves
    no room for the reset-after tricks.
-2. ``reset_after=True``: :func:`gru_jax._derivative.layer`, whose primal (inference) is
+3. ``reset_after=True``: :func:`gru_jax._derivative.layer`, whose primal (inference) is
    :func:`gru_jax._loops.inplace_forward`, phased over rows sorted by length when there are
    ``lengths`` and ``unroll=1``, and whose custom JVP runs
    :func:`gru_jax._loops.scan_with_partials` (or, with ``remat``,
    :func:`gru_jax._remat.chunked_forward` and a rerun per chunk).
 
-0. ``impl="pallas"``: :func:`gru_jax._pallas.layer`, one fused Pallas kernel per layer for
-   the whole sequence, with its own custom VJP (either ``reset_after``); chosen only when
-   asked for (see :func:`resolve_impl`).
-
-A new strategy (a loop for symbolic shapes, say) is one more branch here, chosen by a
-documented rule, and one more function beside the others.
+A new strategy is one more branch here, chosen by a documented rule, and one more function
+beside the others.
 
 This module imports jax and :mod:`gru_jax._cell`, :mod:`gru_jax._loops`,
 :mod:`gru_jax._derivative`, :mod:`gru_jax._pallas`, :mod:`gru_jax._masking`.
@@ -50,6 +52,10 @@ def run_layer(lp, xs, h0, *, lengths, time_axis: int, reset_after: bool, unroll:
       zero at padded steps; ``h_n`` ``(K, B, H)``, each direction's state after its last
       valid step.
     """
+    static = all(isinstance(d, int) for d in xs.shape)
+    if not static:
+        # Symbolic shapes (jax.export): a scan unrolled by k needs T // k at trace time.
+        unroll = 1
     if impl == "pallas":
         states, h_n = _pallas.layer(
             lp, xs, h0, lengths, time_axis=time_axis, reset_after=reset_after, unroll=unroll,
@@ -64,7 +70,9 @@ def run_layer(lp, xs, h0, *, lengths, time_axis: int, reset_after: bool, unroll:
         return _loops.time_major(_outputs(states, lengths, 0), time_axis), h_n
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), w_hh.shape[1], reset_after)
-    opts = _loops.Options(int(unroll), bool(remat), jnp.dtype(compute_dtype), time_axis)
+    opts = _loops.Options(
+        int(unroll), bool(remat), jnp.dtype(compute_dtype), time_axis, phases=static
+    )
     # h_n is the state after scan step length - 1 in both directions (h0 for length 0).
     states, h_last = _derivative.layer(opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     return _outputs(states, lengths, time_axis), jnp.stack(h_last)

@@ -85,13 +85,15 @@ class Options(NamedTuple):
     """The static options of a layer's loops (hashable: a ``custom_jvp`` nondiff argument).
 
     ``time_axis``: the time axis of the layer's input and states (0: ``(T, B, ·)``, 1:
-    ``(B, T, ·)``, a batch-first input read where it lies).
+    ``(B, T, ·)``, a batch-first input read where it lies). ``phases``: whether inference
+    with lengths may run the rows sorted, in phases (see :func:`inplace_forward`).
     """
 
     unroll: int
     remat: bool
     compute_dtype: Any
     time_axis: int = 0
+    phases: bool = True
 
 
 class Recurrence(NamedTuple):
@@ -350,9 +352,10 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     buffer of its own. A batch-first input is read where it lies and its output written
     batch-first, without transposing either.
 
-    With ``lengths`` and ``unroll=1`` the rows run sorted by length, in phases (see
-    :data:`PHASES`), so that most padded steps are skipped (their states are left unwritten:
-    the caller masks the output). Phases need traced loop bounds, which rule out unrolling.
+    With ``lengths``, ``unroll=1`` and ``opts.phases`` the rows run sorted by length, in
+    phases (see :data:`PHASES`), so that most padded steps are skipped (their states are left
+    unwritten: the caller masks the output). Phases need traced loop bounds, which rule out
+    unrolling, and static row counts, which rule out a symbolic batch size.
 
     Args:
       opts: the loop options.
@@ -371,7 +374,7 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     num_dirs = w_hh.shape[0]
     steps, batch = xs.shape[ax], xs.shape[1 - ax]
     rec = Recurrence.of(w_hh, bias_x, b_hn, cd, acc_dtype)
-    phased = lengths is not None and steps > 0 and batch > 0 and opts.unroll == 1
+    phased = opts.phases and lengths is not None and steps > 0 and batch > 0 and opts.unroll == 1
     if phased:
         order = jnp.argsort(-lengths, stable=True)
         lengths = lengths[order]

@@ -4,7 +4,9 @@
 * Keras 3 ``layers.GRU`` / ``layers.Bidirectional(GRU)``: :func:`from_keras`;
 * ``flax.linen.GRUCell``: :func:`from_flax_linen_gru_cell`, :func:`to_flax_linen_gru_cell`;
   ``flax.nnx.GRUCell``: :func:`from_flax_nnx_gru_cell`;
-* cell trees -> a stack tree: :func:`stack_cells`.
+* cell trees -> a stack tree: :func:`stack_cells`;
+* a stack tree -> an ONNX model of ``GRU`` nodes: :func:`to_onnx` (needs the ``onnx`` extra,
+  imported only when called).
 
 Every converter checks what it is given and raises ``ValueError`` rather than load part of it.
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gru_jax import _params
+from gru_jax._onnx import to_onnx as to_onnx  # re-exported
 
 _CELL_NAMES = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
 _GRU_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
