@@ -87,7 +87,8 @@ def gru(
         ``lengths``, inference skips most padded steps (rows sorted by length, in phases)
         only for ``unroll=1``.
       remat: recompute each step in the backward pass instead of storing its activations
-        (memory ``O(T*B*H)`` per layer).
+        (memory ``O(T*B*H)`` per layer). With ``impl="pallas"`` it changes nothing: that
+        backward already keeps only the states and recomputes each step's gates.
       dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); the carry, gates and
         accumulation stay in float32 (float64 for float64 inputs). ``None``: the promoted
         dtype of ``x`` and the parameters.

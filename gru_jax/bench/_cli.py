@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gru_jax.bench import _harness as h
-from gru_jax.bench._peers import BFLOAT16_RECIPES, DTYPES, PEERS, Config
+from gru_jax.bench._peers import BFLOAT16_RECIPES, DTYPES, PEERS, Config, default_peers
 
 # The last T of each sweep is the long config's (B16 D128 H256): its rows are reused.
 SWEEP_STEPS = (32, 128, 512, 2048)
@@ -50,7 +50,7 @@ def plan(quick: bool, reps: int | None = None, peers: Sequence[str] | None = Non
     return Plan(
         configs=configs,
         reps=reps or 7,
-        peers=list(PEERS) if peers is None else list(peers),
+        peers=default_peers() if peers is None else list(peers),
         sweep_steps=QUICK_SWEEP_STEPS if quick else SWEEP_STEPS,
         compile_steps=QUICK_COMPILE_STEPS if quick else COMPILE_STEPS,
         compile_layers=QUICK_COMPILE_LAYERS if quick else COMPILE_LAYERS,
@@ -262,7 +262,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (>= 7)")
     parser.add_argument(
-        "--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}"
+        "--peers",
+        default=None,
+        help=f"comma-separated subset of {','.join(PEERS)} (default: all; pallas only off the "
+        "CPU, where it would run in interpret mode)",
     )
     parser.add_argument(
         "--configs", default=None, help="comma-separated config names (default: all)"
@@ -280,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 7:
         parser.error("--reps must be >= 7 (the report is a median of at least 7)")
-    peers = [s for s in args.peers.split(",") if s]
+    peers = default_peers() if args.peers is None else [s for s in args.peers.split(",") if s]
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
