@@ -107,8 +107,9 @@ def to_flax_linen_gru_cell(cell) -> dict:
         wrapped as ``{"params": cell}``); e.g. ``gru_jax.cell_of(stack_tree, l, k)``.
 
     Returns:
-      ``{"ir": {"kernel": (D, H), "bias": (H,)}, ..., "hn": {"kernel": (H, H),
-      "bias": (H,)}}``, to use as ``nn.GRUCell(H).apply({"params": tree}, h, x)``.
+      Flax's params, to use as ``nn.GRUCell(H).apply({"params": tree}, h, x)``, with
+      ``tree`` = ``{"ir": {"kernel": (D, H), "bias": (H,)}, ..., "hn": {"kernel": (H, H),
+      "bias": (H,)}}``.
 
     Raises:
       ValueError: if ``cell`` is not a cell tree.

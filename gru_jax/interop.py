@@ -67,10 +67,10 @@ def from_torch(state_dict, *, prefix: str = "") -> dict:
         bigger model's state dict.
 
     Returns:
-      For ``nn.GRU``: ``{"layer_l": {"w_ih": (K, D_l, 3H), "w_hh": (K, H, 3H), "b_ih": (K, 3H),
-      "b_hh": (K, 3H)}}``, for ``GRU(...).apply({"params": tree}, ...)``. For ``nn.GRUCell``:
-      ``{"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,)}``. Arrays keep the
-      torch dtype.
+      A params tree, whose arrays keep the torch dtype. For ``nn.GRU`` a stack tree
+      ``{"layer_l": {"w_ih": (K, D_l, 3H), "w_hh": (K, H, 3H), "b_ih": (K, 3H),
+      "b_hh": (K, 3H)}}``, for ``GRU(...).apply({"params": tree}, ...)``; for ``nn.GRUCell``
+      a cell tree ``{"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,)}``.
 
     Raises:
       ValueError: on missing, unexpected or inconsistently shaped entries.
@@ -348,8 +348,9 @@ def from_keras(layer_or_weights) -> dict:
         backward) for a Bidirectional.
 
     Returns:
-      ``{"layer_l": {"w_ih": (K, D_l, 3H), "w_hh": (K, H, 3H), "b_ih": (K, 3H),
-      "b_hh": (K, 3H)}}`` (no biases when ``use_bias=False``), as :func:`from_torch`.
+      A stack params tree, as :func:`from_torch` returns (no biases when
+      ``use_bias=False``), ``{"layer_l": {"w_ih": (K, D_l, 3H), "w_hh": (K, H, 3H),
+      "b_ih": (K, 3H), "b_hh": (K, 3H)}}``.
 
     Raises:
       ValueError: a layer that is not a GRU (or Bidirectional GRU); an unbuilt layer; a

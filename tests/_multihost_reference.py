@@ -1,6 +1,6 @@
 """The single-process run that tests/test_multihost.py compares the multi-process one with.
 
-Runs the README's data-parallel recipe (tests/_sharded_step.py: its model, optimizer,
+Runs the data-parallel recipe of docs/many_devices.md (tests/_sharded_step.py: its model, optimizer,
 ``train_step`` and ``train``, which places each batch with ``jax.device_put``) in one process
 on the same global batches as tests/_multihost_worker.py, all rows loaded by this process.
 Run with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the same 4 devices as

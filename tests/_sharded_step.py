@@ -4,7 +4,7 @@ Run by tests/test_sharding.py in a fresh process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the flag must be set before JAX
 initializes its CPU backend, hence the subprocess). Prints one JSON line with the results.
 
-The part between the ``recipe`` markers is quoted verbatim in README.md (the test
+The part between the ``recipe`` markers is quoted verbatim in docs/many_devices.md (the test
 checks that it is); it uses only ``jax.devices()``, so it runs unchanged on a host with
 several GPUs or TPU chips.
 """

@@ -1,4 +1,4 @@
-"""The README's CPU training tip, run as written: glibc's ``mallopt`` settings, made from
+"""The performance docs' CPU training tip, run as written: glibc's ``mallopt`` settings, made from
 Python before JAX's first computation, stop a training step from page-faulting its XLA
 scratch memory in afresh on every call.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parent.parent / "README.md"
+PAGE = Path(__file__).parent.parent / "docs" / "performance.md"
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
@@ -53,9 +53,9 @@ _STEP = textwrap.dedent(
 
 
 def _readme_snippet() -> str:
-    """The Python block of the README's "CPU training tip"."""
-    text = README.read_text(encoding="utf-8")
-    tip = text[text.index("**CPU training tip") :]
+    """The Python block of the performance docs' "CPU training" section."""
+    text = PAGE.read_text(encoding="utf-8")
+    tip = text[text.index("### CPU training: keep the scratch memory") :]
     return re.search(r"```python\n(.*?)```", tip, re.DOTALL).group(1)
 
 

@@ -4,10 +4,10 @@ tests/_multihost_worker.py is started twice on localhost, as processes 0 and 1 o
 ``jax.distributed`` job with 2 CPU devices each (``XLA_FLAGS`` set before JAX starts, hence
 subprocesses; the CPU collectives across processes are gloo, JAX's default, with no flags).
 Each feeds only its own half of every global batch through
-``jax.make_array_from_process_local_data`` and trains the README's recipe for 3 steps; both
-save the final parameters as one orbax checkpoint. tests/_multihost_reference.py runs the
-README's recipe itself (``jax.device_put`` of whole batches) in one process with 4 devices,
-on the same global batches, at the same time.
+``jax.make_array_from_process_local_data`` and trains the data-parallel recipe of
+docs/many_devices.md for 3 steps; both save the final parameters as one orbax checkpoint.
+tests/_multihost_reference.py runs the recipe itself (``jax.device_put`` of whole batches) in
+one process with 4 devices, on the same global batches, at the same time.
 
 Tolerances: not bitwise. The gradients and the mean loss are all-reduced across processes by
 gloo and within one process by XLA's CPU all-reduce, which add the per-device partial sums in
@@ -186,7 +186,7 @@ def test_checkpoint_from_every_process_restores_the_final_params(runs):
 
 
 def test_worker_trains_the_readme_recipe():
-    """The worker's model, optimizer and train_step are the README recipe's, verbatim."""
+    """The worker's model, optimizer and train_step are the docs recipe's, verbatim."""
     text = recipe()
     part = text[text.index("class Regressor") : text.index("# One mesh axis")].strip()
     assert part in WORKER.read_text()

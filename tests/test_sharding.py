@@ -21,7 +21,7 @@ import numpy as np
 
 TESTS = pathlib.Path(__file__).resolve().parent
 SCRIPT = TESTS / "_sharded_step.py"
-DOC = TESTS.parent / "README.md"
+DOC = TESTS.parent / "docs" / "many_devices.md"
 BEGIN, END = "# --- recipe: begin ---\n", "# --- recipe: end ---\n"
 
 
@@ -54,6 +54,6 @@ def test_data_parallel_step_equals_single_device():
     assert result["max_abs_param_update"] >= 1e-3
 
 
-def test_readme_recipe_is_the_tested_code():
-    """README.md quotes the recipe of tests/_sharded_step.py verbatim."""
+def test_docs_recipe_is_the_tested_code():
+    """docs/many_devices.md quotes the recipe of tests/_sharded_step.py verbatim."""
     assert recipe() in DOC.read_text()

@@ -360,14 +360,14 @@ def floor_table(configs: Sequence[Config], rate: float) -> str:
 def plot_vs_steps(rows: Sequence[Row], path: Path) -> bool:
     """Log-log time vs ``T`` per implementation (forward, forward+backward); False if no mpl."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure draws to a file without pyplot: the process's backend (a notebook's
+        # inline one, say) is left as it is.
+        from matplotlib.figure import Figure
         from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), constrained_layout=True)
+    axes = fig.subplots(1, 2)
     impls = list(dict.fromkeys(r.impl for r in rows))
     for ax, field, title in zip(
         axes, ("forward", "train"), ("forward (inference)", "forward + backward"), strict=True
@@ -392,7 +392,6 @@ def plot_vs_steps(rows: Sequence[Row], path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
 
 
