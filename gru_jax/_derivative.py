@@ -60,19 +60,18 @@ def layer(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
 def coefficients(partials, mask):
     """The tangent coefficients ``(c_g, c_f, c_h)`` of one direction from its partials.
 
+    ``partials`` as :func:`gru_jax._loops.scan_with_partials` hands them out:
     ``c_g = [∂h'/∂a_r, ∂h'/∂a_z, ∂h'/∂hn]`` ``(T', B, 3H)`` multiplies the hidden-side
     tangents of the three gates; ``c_f = ∂h'/∂x_n`` and ``c_h = ∂h'/∂h`` ``(T', B, H)``.
     Where ``mask`` is False they are 0 (``c_h = 1``), so the tangent state is carried
     unchanged over padding.
     """
-    d_r, d_z, d_xn, d_hn, d_h = partials
-    coef = [d_r, d_z, d_hn, d_xn]
-    c_h = d_h
+    c_g, c_f, c_h = partials
     if mask is not None:
-        zero, one = jnp.zeros((), d_h.dtype), jnp.ones((), d_h.dtype)
-        coef = [jnp.where(mask, c, zero) for c in coef]
-        c_h = jnp.where(mask, d_h, one)
-    return jnp.concatenate(coef[:3], axis=-1), coef[3], c_h
+        zero, one = jnp.zeros((), c_h.dtype), jnp.ones((), c_h.dtype)
+        c_g, c_f = jnp.where(mask, c_g, zero), jnp.where(mask, c_f, zero)
+        c_h = jnp.where(mask, c_h, one)
+    return c_g, c_f, c_h
 
 
 def _is_zero(t) -> bool:

@@ -189,7 +189,8 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
       rec: the hidden side (:class:`Recurrence`).
       compute_dtype: dtype of the matmul inputs.
       partials: also return the cell's partial derivatives
-        (:func:`gru_jax._cell.reset_after_partials`) per direction.
+        (:func:`gru_jax._cell.reset_after_partials`) per direction, packed as
+        :func:`scan_with_partials` hands them out.
 
     Returns:
       ``new_hs``, or ``(new_hs, partials)``.
@@ -203,8 +204,10 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
         hp = [hps[k][..., g * hidden : (g + 1) * hidden] for g in range(3)]
         args = (plus(x_r + hp[0], b_r), plus(x_z + hp[1], b_z), plus(x_n, b_n), plus(hp[2], b_hn))
         if partials:
-            h_new, d = _cell.reset_after_partials(*args, h)
-            saved.append(d)
+            h_new, (d_r, d_z, d_xn, d_hn, d_h) = _cell.reset_after_partials(*args, h)
+            # Packed per step as the tangent loop reads them: the three hidden-side
+            # coefficients side by side (one (B, 3H) block), then x_n's and h's.
+            saved.append((jnp.concatenate([d_r, d_z, d_hn], axis=-1), d_xn, d_h))
         else:
             h_new = _cell.reset_after_cell(*args, h)
         if m_t is not None:
@@ -424,8 +427,10 @@ def scan_with_partials(xg, rec: Recurrence, h0, mask, opts: Options):
 
     Returns:
       ``(h_last, (states, partials))``: per direction the state after each sequence's last
-      step, the ``(T, B, H)`` states, and the five ``(T, B, H)`` partial derivatives of
-      :func:`gru_jax._cell.reset_after_partials`.
+      step, the ``(T, B, H)`` states, and the partial derivatives of
+      :func:`gru_jax._cell.reset_after_partials` packed as ``(d_g, d_xn, d_h)``:
+      ``d_g = [∂h'/∂a_r, ∂h'/∂a_z, ∂h'/∂hn]`` ``(T, B, 3H)``, ``∂h'/∂x_n`` and ``∂h'/∂h``
+      ``(T, B, H)``.
     """
 
     def body(hs, inputs):
