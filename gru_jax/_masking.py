@@ -23,7 +23,9 @@ def concrete_or_none(x):
         return None
 
 
-def prepare_lengths(lengths, batch: int, steps: int, *, checkify_lengths: bool = False):
+def prepare_lengths(
+    lengths, batch: int, steps: int, *, checkify_lengths: bool = False, hint: str = ""
+):
     """Validates ``lengths`` and returns it as an ``int32`` array of shape ``(B,)``.
 
     Args:
@@ -33,6 +35,7 @@ def prepare_lengths(lengths, batch: int, steps: int, *, checkify_lengths: bool =
       checkify_lengths: if True, add a :mod:`jax.experimental.checkify` check that the
         values lie in ``[0, T]``; it raises when the caller wraps the function with
         ``checkify.checkify`` and calls ``.throw()`` on the error.
+      hint: appended to the shape error (say, why the caller's layout may explain it).
 
     Returns:
       ``int32[B]``. Concrete values outside ``[0, T]`` raise ``ValueError``; traced values
@@ -49,7 +52,8 @@ def prepare_lengths(lengths, batch: int, steps: int, *, checkify_lengths: bool =
         )
     if lengths_arr.shape != (batch,):
         raise ValueError(
-            f"lengths must have shape (B,) = ({batch},) to match x; got shape {lengths_arr.shape}"
+            f"lengths must have shape (B,) = ({batch},) to match x; got shape "
+            f"{lengths_arr.shape}{hint}"
         )
     concrete = concrete_or_none(lengths)
     if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() > steps):

@@ -154,12 +154,10 @@ def gru(
         if unbatched and jnp.ndim(lengths) == 0:
             lengths = jnp.reshape(jnp.asarray(lengths), (1,))
         got = jnp.shape(lengths)[0] if jnp.ndim(lengths) == 1 else None
-        if not unbatched and got != batch:
-            raise ValueError(
-                f"lengths must have shape (B,) = ({batch},) to match x; got shape "
-                f"{jnp.shape(lengths)}" + _layout_hint(x, batch_first, got)
-            )
-        lengths = _masking.prepare_lengths(lengths, batch, steps, checkify_lengths=checkify_lengths)
+        lengths = _masking.prepare_lengths(
+            lengths, batch, steps, checkify_lengths=checkify_lengths,
+            hint=_layout_hint(x, batch_first, got),
+        )  # fmt: skip
     if not (dropout > 0.0 and num_layers > 1):
         key = None
     config = _Config(
