@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _FinishedRun(Exception):
+    """``--out`` holds a finished run (its ``checkpoint.json``): it is reported, not redone."""
+
+
 # What a resumed run must share with the run it resumes.
 _RUN_KEYS = ("hidden", "dropout", "epochs", "seed", "data_dir")
 
@@ -366,10 +370,7 @@ def _prepare_out(out: Path, run: dict, force: bool) -> Path:
         for path in (run_file, finished, out / "learning_curves.png"):
             path.unlink(missing_ok=True)
     elif finished.exists():
-        raise DemoError(
-            f"{out} holds a finished run ({finished}); pass --out to write elsewhere or "
-            "--force to overwrite it"
-        )
+        raise _FinishedRun(finished)
     elif run_file.exists():
         before = json.loads(run_file.read_text())
         if before != run:
@@ -433,6 +434,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except _FinishedRun as done:
+        (path,) = done.args
+        accuracy = json.loads(path.read_text()).get("test_accuracy")
+        print(
+            f"{args.out} holds a finished run (test accuracy {accuracy:.2%}, {path}); it is "
+            "left as it is: pass --force to train again there, or --out to train elsewhere"
+        )
+        return 0
     acc = history["test_acc"][-1]
     n_test = history["num_test"]
     print(f"test accuracy: {acc:.2%} ({round(acc * n_test)}/{n_test})")

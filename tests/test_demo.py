@@ -224,13 +224,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert not state.exists()  # the finished run keeps its final checkpoint only
 
 
-def test_finished_run_is_never_overwritten(tmp_path):
+def test_finished_run_is_never_overwritten(tmp_path, capsys):
+    """A second `make demo` reports the finished run instead of training over it."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.json").write_text("{}")
+    (out / "checkpoint.json").write_text('{"test_accuracy": 0.5}')
     code = demo.main(["--epochs", "1", "--hidden", "8", "--out", str(out), "--quiet"])
-    assert code == 1
-    assert (out / "checkpoint.json").read_text() == "{}"
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "holds a finished run (test accuracy 50.00%" in printed and "--force" in printed
+    assert (out / "checkpoint.json").read_text() == '{"test_accuracy": 0.5}'
+    assert not (out / "train_state").exists()
 
 
 def test_unfinished_run_with_other_settings_is_refused(tmp_path, capsys):
