@@ -159,6 +159,28 @@ def project(src, w_ih_k, compute_dtype, acc_dtype):
     ]
 
 
+def project_fused(xs, w_ih, bias_x, lengths, compute_dtype, acc_dtype):
+    """Per direction, ``x @ w_ih + bias_x`` of every step in scan order, ``(T, B, 3H)``: the
+    input projection as one matmul outside the recurrence, gates fused (the loops that read
+    them whole: :func:`scan_layer` and the Pallas kernel).
+
+    Args:
+      xs: ``(T, B, D)``, zero at padded steps.
+      w_ih: ``(K, D, 3H)``; bias_x: ``(K, 3H)`` or ``None`` (see
+        :func:`gru_jax._cell.split_bias`).
+      lengths: ``int32[B]`` or ``None``.
+      compute_dtype, acc_dtype: of the matmul inputs and of its result.
+    """
+    xs_c, w_ih_c = xs.astype(compute_dtype), w_ih.astype(compute_dtype)
+    out = []
+    for k in range(w_ih.shape[0]):
+        xp_k = jnp.einsum(
+            "tbd,dg->tbg", source(xs_c, lengths, k), w_ih_c[k], preferred_element_type=acc_dtype
+        )
+        out.append(xp_k if bias_x is None else xp_k + bias_x[k].astype(acc_dtype)[None, None])
+    return out
+
+
 def plus(a, b):
     """``a + b`` for ``b`` an ``(H,)`` bias (or ``None``), broadcast explicitly."""
     return a if b is None else a + b.reshape((1,) * (a.ndim - 1) + b.shape)
@@ -243,15 +265,7 @@ def scan_layer(lp, xs, h0, lengths, *, reset_after, unroll, remat, compute_dtype
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
     bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
-    xs_c, w_ih_c = xs.astype(compute_dtype), w_ih.astype(compute_dtype)
-    # The input projection of every step is one matmul outside the recurrence.
-    per_dir = []
-    for k in range(num_dirs):
-        xp_k = jnp.einsum(
-            "tbd,dg->tbg", source(xs_c, lengths, k), w_ih_c[k], preferred_element_type=acc_dtype
-        )
-        per_dir.append(xp_k if bias_x is None else xp_k + bias_x[k].astype(acc_dtype)[None, None])
-    xp = jnp.stack(per_dir, axis=1)  # (T, K, B, 3H)
+    xp = jnp.stack(project_fused(xs, w_ih, bias_x, lengths, compute_dtype, acc_dtype), axis=1)
     b_hn = None if b_hn is None else b_hn[:, None, :].astype(acc_dtype)  # (K, 1, H)
     steps = xs.shape[0]
     # (T, 1, B, 1) against h (K, B, H).

@@ -106,13 +106,8 @@ def layer(lp, xs, h0, lengths, *, time_axis, reset_after, unroll, compute_dtype,
         a = jnp.pad(a.reshape((*a.shape[:-1], 3, hidden)), [*lead_widths, (0, 0), (0, hp - hidden)])
         return a.reshape((*a.shape[:-2], 3 * hp))
 
-    xps = []
-    for k in range(num_dirs):
-        # The input projection of every step is one matmul outside the kernel.
-        xp_k = _loops.mm(_loops.source(xs, lengths, k), w_ih[k], cd, acc)
-        if bias_x is not None:
-            xp_k = xp_k + bias_x[k].astype(acc)[None, None]
-        xps.append(xp_k)
+    # The input projection of every step is one matmul outside the kernel.
+    xps = _loops.project_fused(xs, w_ih, bias_x, lengths, cd, acc)
     xp = pad_gates(jnp.stack(xps), [(0, 0), (0, 0), (0, bp - batch)])  # (K, T, Bp, 3Hp)
     w = pad_gates(w_hh.astype(cd), [(0, 0), (0, hp - hidden)])  # (K, Hp, 3Hp)
     if b_hn is None:
