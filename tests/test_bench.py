@@ -136,6 +136,61 @@ def test_run_writes_a_report(tmp_path):
     assert (tmp_path / "time_vs_T.png").stat().st_size > 0
 
 
+def test_run_reports_compile_time_side_by_side(tmp_path):
+    """The compile-time table has gru_jax's and flax's forward and training-step seconds."""
+    plan = bench.Plan(configs=[TINY], reps=7, peers=["flax"], matmul_n=64, compile_reps=1)
+    md = bench.run(plan, tmp_path, command="pytest", log=lambda s: None)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    compiled = {r["impl"]: r for r in payload["compile"]}
+    assert set(compiled) == {_harness.OURS, "flax.linen.RNN(GRUCell)"}
+    for r in compiled.values():
+        assert r["config"]["name"] == TINY.name
+        assert r["forward"] > 0 and r["train"] > 0, r
+    assert payload["cold_start"] == []  # not asked for: see the next test
+    assert "## Compile time side by side (trace + lower + compile, seconds)" in md
+    assert "no compile step" in md and "## Cold start" not in md
+    assert f"| {TINY.name}: {TINY.describe()} | gru_jax | " in md
+    assert "|  | flax.linen.RNN(GRUCell) | " in md
+
+
+def test_cold_start_runs_two_processes_on_one_cache():
+    """Two fresh processes, imports to first gradient: the second loads the first one's
+    compiled programs from the persistent cache (gru_jax alone here: each process costs
+    seconds, and flax's cold start runs the same code)."""
+    from gru_jax.bench import _compile
+
+    notes, logged = [], []
+    (cold,) = _compile.cold_starts(TINY, [], notes=notes, log=logged.append)
+    assert cold.impl == _harness.OURS and not notes and len(logged) == 1
+    assert 0 < cold.imports < cold.first and 0 < cold.first_compile < cold.first
+    assert 0 < cold.second_compile < cold.second
+    assert cold.second_hits > 0  # what the first process compiled, the second loaded
+    md = "\n".join(_compile.compile_sections([], [cold], reps=1))
+    assert f"## Cold start: a fresh process's imports to its first gradient ({TINY.name})" in md
+    assert md.count("\n| gru_jax | ") == 1 and "no compile step" in md
+
+
+def test_compile_only_prints_the_compile_tables_for_gru_jax_and_flax(monkeypatch, capsys):
+    """``--compile-only`` prints :func:`bench.compile_report` (flax the default peer) and
+    writes nothing; the report itself is checked above, through ``bench.run``."""
+    from gru_jax.bench import _cli
+
+    calls = []
+    monkeypatch.setattr(_cli, "compile_report", lambda *args: calls.append(args) or "TABLE")
+    monkeypatch.setattr(_cli, "run", lambda *args, **kwargs: pytest.fail("run() called"))
+    _cli.main(["--compile-only", "--configs", "base,latency", "--compile-reps", "2"])
+    ((configs, peers, reps),) = calls
+    assert [c.name for c in configs] == ["base", "latency"] and peers == ["flax"] and reps == 2
+    assert capsys.readouterr().out == "TABLE\n"
+
+
+def test_compile_meter_counts_nested_phases_once():
+    from gru_jax.bench import _compile
+
+    meter = _compile.CompileMeter(spans=[(0.0, 1.0), (0.2, 0.5), (2.0, 2.5), (2.4, 3.0)])
+    assert meter.seconds == pytest.approx(2.0)
+
+
 def test_matmul_rate_is_positive():
     assert _harness.matmul_rate(64, reps=7) > 0
     pytest.importorskip("torch")
@@ -212,3 +267,4 @@ def test_help_lists_the_configs_and_how_long_a_run_takes(capsys):
     for cfg in _harness.CONFIGS:
         assert f"{cfg.name}" in out and cfg.describe() in out
     assert "--quick run" in out and "minutes" in out
+    assert "--compile-only" in out and "no compile" in out

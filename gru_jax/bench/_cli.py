@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gru_jax.bench import _compile
 from gru_jax.bench import _harness as h
 from gru_jax.bench._peers import BFLOAT16_RECIPES, DTYPES, PEERS, Config, default_peers
 
@@ -20,6 +21,8 @@ COMPILE_STEPS = (64, 256, 1024, 4096)
 QUICK_COMPILE_STEPS = (64, 512, 4096)
 COMPILE_LAYERS = tuple(range(1, 9))
 QUICK_COMPILE_LAYERS = (1, 2, 4, 8)
+# First calls per implementation of the side-by-side compile table (its median).
+COMPILE_REPS = 3
 
 
 @dataclasses.dataclass
@@ -37,12 +40,18 @@ class Plan:
     # "bfloat16": every implementation in its bfloat16 mode (``_peers.DTYPES``); the T sweep,
     # compile time and memory are float32 figures, left to a float32 run.
     dtype: str = "float32"
+    # Compile time of gru_jax and the JAX peers side by side on every config, the median of
+    # this many first calls (0: not measured), and the cold start of a fresh process.
+    compile_reps: int = 0
+    cold_start: bool = False
 
     def without_extras(self) -> Plan:
-        """This plan without the T sweep, compile time and memory (gru_jax float32 figures)."""
+        """This plan without the T sweep, compile time, cold start and memory (float32
+        figures)."""
         return dataclasses.replace(
-            self, sweep_steps=(), compile_steps=(), compile_layers=(), memory_configs=()
-        )
+            self, sweep_steps=(), compile_steps=(), compile_layers=(), memory_configs=(),
+            compile_reps=0, cold_start=False,
+        )  # fmt: skip
 
 
 def plan(quick: bool, reps: int | None = None, peers: Sequence[str] | None = None) -> Plan:
@@ -55,6 +64,8 @@ def plan(quick: bool, reps: int | None = None, peers: Sequence[str] | None = Non
         compile_steps=QUICK_COMPILE_STEPS if quick else COMPILE_STEPS,
         compile_layers=QUICK_COMPILE_LAYERS if quick else COMPILE_LAYERS,
         memory_configs=(configs[1], configs[3]),
+        compile_reps=COMPILE_REPS,
+        cold_start=True,
     )
 
 
@@ -85,19 +96,15 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
         log(f"time vs T: {list(p.sweep_steps)}")
         sweep_rows = h.time_vs_steps(p.sweep_steps, p.peers, p.reps, notes=notes, measured=rows)
 
-    compile_t = []
     base = Config("compile", 16, 128, 128, 256)
-    for t in p.compile_steps:
-        cfg = dataclasses.replace(base, steps=t)
-        compile_t.append((t, h.compile_seconds(cfg, "forward"), h.compile_seconds(cfg, "train")))
+    with _compile.no_persistent_cache():
+        compile_t = _compile_sweep(base, "steps", p.compile_steps)
+        compile_l = _compile_sweep(base, "layers", p.compile_layers)
     if compile_t:
         log("compile vs T: " + ", ".join(f"T={t}: {f:.2f}/{g:.2f} s" for t, f, g in compile_t))
-    compile_l = []
-    for n in p.compile_layers:
-        cfg = dataclasses.replace(base, layers=n)
-        compile_l.append((n, h.compile_seconds(cfg, "forward"), h.compile_seconds(cfg, "train")))
     if compile_l:
         log("compile vs L: " + ", ".join(f"L={n}: {f:.2f}/{g:.2f} s" for n, f, g in compile_l))
+    compile_rows, cold = _compile_figures(p, notes, log)
 
     memory = []
     for cfg in p.memory_configs:
@@ -108,7 +115,7 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
 
     md = _report(
         p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
-        (load_before, load_after), elapsed, out,
+        (load_before, load_after), elapsed, out, compile_rows, cold,
     )  # fmt: skip
     (out / "results.md").write_text(md)
     h.write_json(
@@ -124,12 +131,66 @@ def run(p: Plan, out: Path, command: str = "", log=None) -> str:
             "sweep": sweep_rows,
             "compile_vs_steps": compile_t,
             "compile_vs_layers": compile_l,
+            "compile": compile_rows,
+            "cold_start": cold,
             "memory": memory,
             "notes": notes,
             "seconds": elapsed,
         },
     )
     return md
+
+
+def _compile_sweep(base: Config, field: str, values: Sequence[int]) -> list[tuple]:
+    """``(value, forward s, fwd+bwd s)`` of gru_jax's compile with ``base``'s ``field`` at
+    each of ``values``."""
+    out = []
+    for v in values:
+        cfg = dataclasses.replace(base, **{field: v})
+        out.append((v, h.compile_seconds(cfg, "forward"), h.compile_seconds(cfg, "train")))
+    return out
+
+
+def _compile_figures(p: Plan, notes: list[str], log) -> tuple[list, list]:
+    """Plan ``p``'s side-by-side compile rows and cold starts (empty where it has none)."""
+    rows, cold = [], []
+    if p.compile_reps:
+        log(f"compile time side by side, median of {p.compile_reps} first calls:")
+        rows = _compile.compare_compile(p.configs, p.peers, p.compile_reps, notes=notes, log=log)
+    if p.cold_start and p.configs:
+        log(f"cold start on {p.configs[0].name}, two fresh processes per implementation:")
+        cold = _compile.cold_starts(p.configs[0], p.peers, notes=notes, log=log)
+    return rows, cold
+
+
+def compile_report(
+    configs: Sequence[Config] | None = None,
+    peers: Sequence[str] = ("flax",),
+    reps: int = COMPILE_REPS,
+    cold_start: bool = True,
+    log=None,
+) -> str:
+    """The compile-time table (and the cold start) alone, as Markdown; writes no files.
+
+    ``python -m gru_jax.bench --compile-only`` prints it. Args: ``configs``, default the
+    benchmark's (:data:`~gru_jax.bench._harness.CONFIGS`); ``peers``, keys of
+    ``_peers.PEERS`` (only the JAX ones compile); ``reps``, first calls per median;
+    ``cold_start``, whether to add the fresh processes' table of the first config.
+    """
+    log = log or functools.partial(print, flush=True)
+    p = Plan(
+        configs=list(h.CONFIGS if configs is None else configs),
+        reps=0,
+        peers=list(peers),
+        compile_reps=reps,
+        cold_start=cold_start,
+    )
+    notes: list[str] = []
+    rows, cold = _compile_figures(p, notes, log)
+    lines = ["# gru_jax compile time", *_compile.compile_sections(rows, cold, reps)]
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
 
 
 _ERROR_TEXT = (
@@ -153,7 +214,7 @@ def _rates_text(rates: dict[str, float]) -> str:
 
 
 def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
-            loads, elapsed, out) -> str:  # fmt: skip
+            loads, elapsed, out, compile_rows=(), cold=()) -> str:  # fmt: skip
     rate = rates["jax"]
     lines = [
         "# gru_jax benchmark",
@@ -184,6 +245,7 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         "### FLOP floor",
         "",
         h.floor_table(p.configs, rate),
+        *_compile.compile_sections(compile_rows, cold, p.compile_reps),
     ]
     if sweep_rows:
         cfg = sweep_rows[0].config
@@ -253,7 +315,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "How long: on a 2-core CPU a --quick run (long at T=512, 7 reps) takes about "
             "2.5 minutes and a --quick --reps 11 run about 3.5; a full run adds the long "
             "config at T=2048 (about a minute alone) and longer sweeps. Run it alone on the "
-            "machine: other processes make torch's threads, and so the ratios, unreliable."
+            "machine: other processes make torch's threads, and so the ratios, unreliable.\n\n"
+            "Compile time: every run also measures trace + lower + compile seconds of gru_jax "
+            "and each JAX peer (flax, Keras) for the forward and the training step of every "
+            "config (the median of --compile-reps first calls, JAX's caches cleared before "
+            "each), and the cold start of a fresh process (imports to first gradient, twice on "
+            "one persistent compilation cache folder); torch runs eagerly and has no compile "
+            "step. --compile-only prints those two tables alone (gru_jax and flax unless "
+            "--peers says otherwise) and writes no files."
         ),
     )
     parser.add_argument(
@@ -271,7 +340,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--configs", default=None, help="comma-separated config names (default: all)"
     )
     parser.add_argument(
-        "--no-extras", action="store_true", help="skip the T sweep, compile time and memory"
+        "--no-extras",
+        action="store_true",
+        help="skip the T sweep, compile time, cold start and memory",
+    )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only the compile-time table and the cold start, printed (peers: flax unless --peers)",
+    )
+    parser.add_argument(
+        "--compile-reps",
+        type=int,
+        default=COMPILE_REPS,
+        help=f"first calls per compile-time median (default {COMPILE_REPS})",
     )
     parser.add_argument(
         "--dtype",
@@ -283,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 7:
         parser.error("--reps must be >= 7 (the report is a median of at least 7)")
-    peers = default_peers() if args.peers is None else [s for s in args.peers.split(",") if s]
+    if args.compile_reps < 1:
+        parser.error("--compile-reps must be >= 1")
+    if args.peers is not None:
+        peers = [s for s in args.peers.split(",") if s]
+    else:
+        peers = ["flax"] if args.compile_only else default_peers()
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
@@ -294,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not p.configs:
             parser.error(f"no config named {wanted}")
     p.dtype = args.dtype
+    p.compile_reps = args.compile_reps
+    if args.compile_only:
+        print(compile_report(p.configs, p.peers, p.compile_reps))
+        return
     if args.no_extras:
         p = p.without_extras()
     command = "python -m gru_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
