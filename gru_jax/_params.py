@@ -17,6 +17,10 @@ Two layouts (see :mod:`gru_jax._cell` for the shape legend):
 
 ``b_ih``/``b_hh`` are absent when a layer has no bias. The kernels are the transposes of
 torch's ``weight_ih_l{l}`` / ``weight_hh_l{l}`` (``x @ w_ih`` rather than ``W x``).
+
+The gates are ``r, z, n`` along the last axis of every parameter, the order of torch and
+Flax; ONNX and Keras order them ``z, r, h`` (``h`` is ``n``): :func:`reorder_gates` with
+:data:`ZRH` converts either way.
 """
 
 from __future__ import annotations
@@ -25,8 +29,28 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 CELL_KEYS = frozenset({"w_ih", "w_hh", "b_ih", "b_hh"})
+
+
+ZRH = (1, 0, 2)
+"""The gate order of ONNX and Keras, ``z, r, h``, as indices of our ``r, z, n`` blocks. It only
+swaps the first two, so the same order also takes theirs back to ours."""
+
+
+def reorder_gates(a, order) -> np.ndarray:
+    """The three gate blocks of the last axis of ``a (..., 3H)``, taken in ``order``.
+
+    Args:
+      a: an array whose last axis is three gate blocks of ``H`` each (a kernel, a bias).
+      order: which block of ``a`` each block of the result is, e.g. :data:`ZRH`.
+
+    Returns:
+      A NumPy array of ``a``'s shape and dtype.
+    """
+    blocks = np.split(np.asarray(a), 3, axis=-1)
+    return np.concatenate([blocks[i] for i in order], axis=-1)
 
 
 def unwrap(tree):

@@ -217,15 +217,6 @@ def stack_cells(layers) -> dict:
 # Keras 3
 # --------------------------------------------------------------------------------------------
 
-# Keras orders the gates z, r, h (h is our n); ours are r, z, n.
-_KERAS_TO_OURS = (1, 0, 2)
-
-
-def _keras_gates(a: np.ndarray, hidden: int) -> np.ndarray:
-    """Reorders the last axis of a Keras ``(..., 3H)`` array from ``z, r, h`` to ``r, z, n``."""
-    blocks = [a[..., g * hidden : (g + 1) * hidden] for g in _KERAS_TO_OURS]
-    return np.concatenate(blocks, axis=-1)
-
 
 def _keras_cell(weights, where: str) -> tuple[dict, bool | None]:
     """One Keras GRU's ``[kernel, recurrent_kernel(, bias)]`` -> (cell tree, reset_after)."""
@@ -241,22 +232,35 @@ def _keras_cell(weights, where: str) -> tuple[dict, bool | None]:
     hidden = recurrent.shape[0]
     if kernel.ndim != 2 or kernel.shape[1] != 3 * hidden:
         raise ValueError(f"{where}: kernel must be (D, 3H) = (D, {3 * hidden}); got {kernel.shape}")
-    cell = {"w_ih": _keras_gates(kernel, hidden), "w_hh": _keras_gates(recurrent, hidden)}
+    cell = {"w_ih": _params.reorder_gates(kernel, _params.ZRH)}
+    cell["w_hh"] = _params.reorder_gates(recurrent, _params.ZRH)
     reset_after = None
     if len(weights) == 3:
-        bias = _keras_gates(weights[2], hidden)
-        if bias.shape == (2, 3 * hidden):  # reset_after=True: [input bias, recurrent bias]
-            reset_after = True
-            cell["b_ih"], cell["b_hh"] = bias[0], bias[1]
-        elif bias.shape == (3 * hidden,):  # reset_after=False: one bias, on the input side
-            reset_after = False
-            cell["b_ih"], cell["b_hh"] = bias, np.zeros_like(bias)
-        else:
+        bias = weights[2]
+        if bias.shape not in ((2, 3 * hidden), (3 * hidden,)):
             raise ValueError(
                 f"{where}: bias must be (2, 3H) (reset_after=True) or (3H,) (reset_after=False) "
-                f"with 3H = {3 * hidden}; got {weights[2].shape}"
+                f"with 3H = {3 * hidden}; got {bias.shape}"
             )
+        bias = _params.reorder_gates(bias, _params.ZRH)
+        # reset_after=True: [input bias, recurrent bias]; False: one bias, on the input side.
+        reset_after = bias.ndim == 2
+        cell["b_ih"], cell["b_hh"] = (
+            (bias[0], bias[1]) if reset_after else (bias, np.zeros_like(bias))
+        )
     return {k: jnp.asarray(v) for k, v in cell.items()}, reset_after
+
+
+def _keras_weights(cell) -> list[np.ndarray]:
+    """A cell tree as one Keras ``layers.GRU(reset_after=True)``'s ``get_weights()`` list,
+    ``[kernel (D, 3H), recurrent_kernel (H, 3H)(, bias (2, 3H))]``: the inverse of
+    :func:`_keras_cell`, for the benchmark's Keras peer (gru_jax has no ``to_keras``)."""
+    weights = [_params.reorder_gates(cell[k], _params.ZRH) for k in ("w_ih", "w_hh")]
+    if "b_ih" in cell:
+        weights.append(
+            np.stack([_params.reorder_gates(cell[k], _params.ZRH) for k in ("b_ih", "b_hh")])
+        )
+    return weights
 
 
 def _keras_gru_layer(layer, where: str, *, backward: bool = False):
