@@ -46,6 +46,8 @@ __all__ = [
 
 _CELL_NAMES = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
 _GRU_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+# A GRU's or GRUCell's entry in a bigger model's state dict: group 1 is its submodule's prefix.
+_PREFIXED_KEY = re.compile(r"^(.+\.)(?:weight|bias)_(?:ih|hh)(?:_l\d+(?:_reverse)?)?$")
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -64,7 +66,9 @@ def from_torch(state_dict, *, prefix: str = "") -> dict:
         ``bias_hh_l0`` and ``*_reverse``; ``nn.GRUCell`` names: ``weight_ih``, ``weight_hh``,
         ``bias_ih``, ``bias_hh``.
       prefix: a prefix to strip (and select by), e.g. ``"encoder.gru."`` for a submodule of a
-        bigger model's state dict.
+        bigger model's state dict: ``from_torch(model.state_dict(), prefix="gru.")`` for a
+        model whose GRU is its attribute ``gru`` (the error for a bigger model's state dict
+        names the prefixes it found).
 
     Returns:
       A params tree, whose arrays keep the torch dtype. For ``nn.GRU`` a stack tree
@@ -81,10 +85,24 @@ def from_torch(state_dict, *, prefix: str = "") -> dict:
         raise TypeError(f"state_dict must be a mapping; got {type(state_dict).__name__}")
     sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not sd:
-        raise ValueError(f"state_dict has no entries with prefix {prefix!r}")
+        raise ValueError(
+            f"state_dict has no entries with prefix {prefix!r}" + _prefix_hint(state_dict)
+        )
     if set(sd) <= set(_CELL_NAMES):
         return _cell_from_torch(sd)
     return _gru_from_torch(sd)
+
+
+def _prefix_hint(keys) -> str:
+    """What to pass as ``prefix`` when ``keys`` are a bigger model's, with a GRU (or GRUCell)
+    inside: its entries are named ``"<submodule>.weight_ih_l0"``, ... ("" when there is none)."""
+    prefixes = sorted({m.group(1) for k in keys if (m := _PREFIXED_KEY.match(k))})
+    if not prefixes:
+        return ""
+    return (
+        f"; GRU entries start with {', '.join(map(repr, prefixes))}: pass the one to read as "
+        f"prefix, e.g. from_torch(state_dict, prefix={prefixes[0]!r})"
+    )
 
 
 def _cell_from_torch(sd) -> dict:
@@ -101,7 +119,9 @@ def _cell_from_torch(sd) -> dict:
 def _gru_from_torch(sd) -> dict:
     unexpected = sorted(k for k in sd if not _GRU_KEY.match(k))
     if unexpected:
-        raise ValueError(f"unexpected keys in torch GRU state_dict: {unexpected}")
+        raise ValueError(
+            f"unexpected keys in torch GRU state_dict: {unexpected}" + _prefix_hint(unexpected)
+        )
     parsed = {}
     for k, v in sd.items():
         name, layer, rev = _GRU_KEY.match(k).groups()

@@ -311,6 +311,32 @@ def test_torch_state_dict_wrong_shape_one_direction(torch_state_dict):
     expect_error(ValueError, lambda: from_torch(sd), "weight_hh_l0", f"{(3 * H, H + 1)}")
 
 
+def test_torch_state_dict_of_a_bigger_model_names_the_prefix():
+    """A model that holds a GRU: its state dict is refused with the prefix to pass, which
+    then reads the GRU's entries."""
+    torch = pytest.importorskip("torch")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(D, H, batch_first=True)
+            self.fc = torch.nn.Linear(H, 2)
+
+    state_dict = Model().state_dict()
+    hint = "GRU entries start with 'gru.'", "from_torch(state_dict, prefix='gru.')"
+    expect_error(ValueError, lambda: from_torch(state_dict), "unexpected keys", "'fc.bias'", *hint)
+    expect_error(
+        ValueError, lambda: from_torch(state_dict, prefix="encoder."), "prefix 'encoder.'", *hint
+    )
+    tree = from_torch(state_dict, prefix="gru.")
+    np.testing.assert_array_equal(tree["layer_0"]["w_hh"][0], state_dict["gru.weight_hh_l0"].T)
+    expect_error(
+        ValueError,
+        lambda: from_torch({"enc.gru.weight_ih_l0": 0, "dec.cell.bias_hh": 0}),
+        "start with 'dec.cell.', 'enc.gru.'",
+    )
+
+
 def test_torch_state_dict_not_a_mapping():
     expect_error(TypeError, lambda: from_torch([1, 2]), "state_dict must be a mapping", "got list")
 

@@ -59,6 +59,9 @@ CALLS = {
     "impl": lambda: gru(impl="cuda"),
     "params": lambda: gru_jax.gru({"layer_0": {"w_ih": PARAMS["layer_0"]["w_ih"]}}, X),
     "state_dict": lambda: from_torch({"weight_ih_l0": np.zeros((3 * H, D))}),
+    "state_dict prefix": lambda: from_torch(
+        {"fc.weight": np.zeros((2, H)), "gru.weight_ih_l0": np.zeros((3 * H, D))}
+    ),
     "gru_step": lambda: gru_jax.gru_step(
         gru_jax.cell_of(PARAMS), np.zeros((2, 5), np.float32), X[:, 0]
     ),
