@@ -111,7 +111,8 @@ def test_truncated_file(tmp_path):
 def test_cli_reports_corrupt_file_in_one_line(tmp_path, capsys):
     path = _copy_dataset(tmp_path)
     _corrupt_case(path, lambda line: line.replace("1.860936", "nan?", 1))
-    code = demo.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"])
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"]
+    code = demo.main([*argv, "--no-compile-cache"])  # this process's JAX stays as it is
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error: corrupt dataset file")
@@ -131,18 +132,30 @@ def test_cli_missing_package_says_what_to_install(monkeypatch, tmp_path, capsys,
     assert not (tmp_path / "out").exists()  # it failed before training
 
 
+def test_cli_unusable_cache_folder_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    argv = ["--out", str(tmp_path / "out"), "--quiet", "--compile-cache", str(blocker / "c")]
+    code = demo.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: cannot create the compilation cache folder")
+    assert "--no-compile-cache" in err
+
+
 def test_help_lists_options(capsys):
     with pytest.raises(SystemExit) as info:
         demo.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--epochs", "--seed", "--hidden", "--out"):
+    for option in ("--epochs", "--seed", "--hidden", "--out", "--compile-cache"):
         assert option in out
 
 
 def test_short_run_learns_and_saves(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--epochs", "2", "--hidden", "8", "--seed", "1", "--out", str(out), "--quiet"]
+    argv.append("--no-compile-cache")  # JAX's settings in this test process stay as they are
     # optax's Adam computes `decay ** count` with an int32 count, which the suite's strict
     # promotion rejects; the demo runs under JAX's standard promotion anyway.
     with jax.numpy_dtype_promotion("standard"):
@@ -182,19 +195,34 @@ def _finished(proc_out: str) -> tuple[str, str]:
     return accuracy.group(0), loss.group(0)
 
 
+def _compiled(proc_out: str) -> tuple[int, int]:
+    """``(loaded from the cache, compiled)`` programs of a demo's compile report."""
+    report = re.search(r"^compiled in [\d.]+ s \((\d+) of (\d+) programs loaded", proc_out, re.M)
+    assert report, proc_out
+    return int(report.group(1)), int(report.group(2))
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """A real SIGKILL mid-training, then a rerun: it resumes from the last complete
-    checkpoint and prints the same test accuracy and loss as an uninterrupted run."""
+    checkpoint and prints the same test accuracy and loss as an uninterrupted run.
+
+    The runs share a persistent compilation cache folder, empty at first: the first run
+    compiles every program, and the resumed one loads them all from the cache.
+    """
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cache = ("--compile-cache", str(tmp_path / "jax_cache"))
     whole = subprocess.run(
-        _demo(tmp_path / "whole", "--quiet"), capture_output=True, text=True, env=env,
-        timeout=300,
-    )  # fmt: skip
+        _demo(tmp_path / "whole", *cache), capture_output=True, text=True, env=env, timeout=300
+    )
     assert whole.returncode == 0, whole.stderr
     want = _finished(whole.stdout)
+    hits, programs = _compiled(whole.stdout)
+    assert hits == 0 and programs >= 3  # init, the training epoch, the test accuracy
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_demo(out, "--quiet"), env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _demo(out, "--quiet", *cache), env=env, stderr=subprocess.PIPE, text=True
+    )
     state = out / "train_state"
     deadline = time.monotonic() + 240
     try:
@@ -216,11 +244,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     fake.mkdir()
     (fake / "garbage").write_text("not a checkpoint")
 
-    resumed = subprocess.run(_demo(out), capture_output=True, text=True, env=env, timeout=300)
+    resumed = subprocess.run(
+        _demo(out, *cache), capture_output=True, text=True, env=env, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     done = int(re.search(r"resuming after epoch (\d+) of 12", resumed.stdout).group(1))
     assert 2 <= done < 11
     assert _finished(resumed.stdout) == want
+    assert _compiled(resumed.stdout) == (programs, programs)
     assert not state.exists()  # the finished run keeps its final checkpoint only
 
 
