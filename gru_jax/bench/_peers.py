@@ -44,6 +44,9 @@ from gru_jax.bench._cases import (
     make_case,
 )
 
+# The peers get our weights through the package's own converters.
+from gru_jax.interop import _keras_weights, to_flax_linen_gru_cell, to_torch
+
 __all__ = [
     "BFLOAT16_RECIPES",
     "DTYPES",
@@ -170,24 +173,6 @@ def build_pallas(case: Case) -> Impl:
 # --------------------------------------------------------------------------------------------
 
 
-def _flax_cell_params(cell: dict) -> dict:
-    """Our cell ``(w_ih (D, 3H), w_hh (H, 3H), b_ih, b_hh)`` as flax ``GRUCell`` params.
-
-    flax has one bias per input gate and ``b_hn``; ``b_hr``/``b_hz`` fold into ``b_ir``/``b_iz``.
-    """
-    hidden = cell["w_hh"].shape[0]
-    w_ih, w_hh, b_ih, b_hh = (np.asarray(cell[k]) for k in ("w_ih", "w_hh", "b_ih", "b_hh"))
-    g = [slice(i * hidden, (i + 1) * hidden) for i in range(3)]
-    return {
-        "ir": {"kernel": w_ih[:, g[0]], "bias": b_ih[g[0]] + b_hh[g[0]]},
-        "iz": {"kernel": w_ih[:, g[1]], "bias": b_ih[g[1]] + b_hh[g[1]]},
-        "in": {"kernel": w_ih[:, g[2]], "bias": b_ih[g[2]]},
-        "hr": {"kernel": w_hh[:, g[0]]},
-        "hz": {"kernel": w_hh[:, g[1]]},
-        "hn": {"kernel": w_hh[:, g[2]], "bias": b_hh[g[2]]},
-    }
-
-
 def _with_default_promotion(build):
     @functools.wraps(build)
     def wrapped(case: Case) -> Impl:
@@ -223,12 +208,12 @@ def build_flax(case: Case) -> Impl:
             return x
 
     model = FlaxStack()
-    params = {}
-    for i in range(cfg.layers):
-        layer = case.params[f"layer_{i}"]
-        for k in range(cfg.directions):
-            cell = {n: v[k] for n, v in layer.items()}
-            params[f"l{i}_d{k}"] = _flax_cell_params(cell)
+    # flax has no b_hr, b_hz: the converter folds them into its input biases (same function).
+    params = {
+        f"l{i}_d{k}": to_flax_linen_gru_cell(gru_jax.cell_of(case.params, i, k))
+        for i in range(cfg.layers)
+        for k in range(cfg.directions)
+    }
     variables = {"params": jax.tree.map(jnp.asarray, params)}
     x = jnp.asarray(case.x)
     lengths = None if case.lengths is None else jnp.asarray(case.lengths)
@@ -251,12 +236,6 @@ def build_flax(case: Case) -> Impl:
 # --------------------------------------------------------------------------------------------
 
 
-def _keras_gate_order(a: np.ndarray, hidden: int) -> np.ndarray:
-    """Our gates ``r, z, n`` on the last axis -> Keras's ``z, r, h``."""
-    r, z, n = (a[..., i * hidden : (i + 1) * hidden] for i in range(3))
-    return np.concatenate([z, r, n], axis=-1)
-
-
 @_with_default_promotion
 def build_keras(case: Case) -> Impl:
     """Keras 3 ``layers.GRU`` (``Bidirectional`` for two directions), jitted stateless call.
@@ -272,27 +251,21 @@ def build_keras(case: Case) -> Impl:
     if keras.backend.backend() != "jax":
         raise Unavailable(f"keras backend is {keras.backend.backend()!r}, not 'jax'")
     cfg = case.config
-    hidden = cfg.hidden
     layers, variables, frozen = [], [], []
     policy = "mixed_bfloat16" if case.bf16 else None
     if policy and not hasattr(keras.src.backend, "AutocastScope"):
         raise Unavailable("this Keras has no keras.src.backend.AutocastScope (see apply below)")
     compute = keras.DTypePolicy(policy).compute_dtype if policy else None
     for i, d_in in enumerate(cfg.layer_inputs()):
-        base = keras.layers.GRU(hidden, return_sequences=True, reset_after=True, dtype=policy)
+        base = keras.layers.GRU(cfg.hidden, return_sequences=True, reset_after=True, dtype=policy)
         layer = keras.layers.Bidirectional(base) if cfg.bidirectional else base
         layer.build((cfg.batch, cfg.steps, d_in))
-        lp = case.params[f"layer_{i}"]
-        values = []
-        for k in range(cfg.directions):
-            bias = np.stack(
-                [_keras_gate_order(lp["b_ih"][k], hidden), _keras_gate_order(lp["b_hh"][k], hidden)]
-            )
-            values += [
-                _keras_gate_order(lp["w_ih"][k], hidden),
-                _keras_gate_order(lp["w_hh"][k], hidden),
-                bias,
-            ]
+        # get_weights()'s order: each direction's [kernel, recurrent_kernel, bias].
+        values = [
+            w
+            for k in range(cfg.directions)
+            for w in _keras_weights(gru_jax.cell_of(case.params, i, k))
+        ]
         if len(values) != len(layer.trainable_variables):
             raise Unavailable("unexpected Keras GRU variable layout")
         for var, value in zip(layer.trainable_variables, values, strict=True):
@@ -376,23 +349,8 @@ def build_torch(case: Case) -> Impl:
         batch_first=True,
         bidirectional=cfg.bidirectional,
     )
-    with torch.no_grad():
-        for i in range(cfg.layers):
-            lp = case.params[f"layer_{i}"]
-            for k in range(cfg.directions):
-                sfx = f"_l{i}" + ("_reverse" if k else "")
-                for ours, theirs, transpose in (
-                    ("w_ih", "weight_ih", True),
-                    ("w_hh", "weight_hh", True),
-                    ("b_ih", "bias_ih", False),
-                    ("b_hh", "bias_hh", False),
-                ):
-                    value = np.asarray(lp[ours][k])
-                    getattr(model, theirs + sfx).copy_(
-                        torch.from_numpy(value.T.copy())
-                        if transpose
-                        else torch.from_numpy(value.copy())
-                    )
+    state = {name: torch.from_numpy(a) for name, a in to_torch(case.params).items()}
+    model.load_state_dict(state, strict=True)
     dtype = torch.bfloat16 if case.bf16 else torch.float32
     model = model.to(device, dtype)
     x = torch.from_numpy(case.x).to(device, dtype)
