@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras")
 layers = keras.layers
 
 import gru_jax  # noqa: E402
-from gru_jax.interop import from_keras  # noqa: E402
+from gru_jax.interop import _keras_weights, from_keras, stack_cells  # noqa: E402
 
 D, H, T, B = 3, 4, 5, 2
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -121,6 +121,8 @@ def _built(layer, shape=(1, T, D)):
         (lambda: _built(layers.GRU(H, go_backwards=True)), "go_backwards=True"),
         (lambda: [np.zeros((D, 3 * H))] * 5, "2 or 3 arrays"),
         (lambda: [np.zeros((D, 3 * H)), np.zeros((H, 3 * H)), np.zeros((3, 3 * H))], "bias"),
+        # Not a multiple of three: refused by its shape, not cut to fit the gate blocks.
+        (lambda: [np.zeros((D, 3 * H)), np.zeros((H, 3 * H)), np.zeros(3 * H + 1)], "bias"),
         (lambda: [np.zeros((D, 3 * H)), np.zeros((H + 1, 3 * H))], "recurrent_kernel"),
         (
             lambda: [_built(layers.GRU(H)), _built(layers.GRU(H, reset_after=False), (1, T, H))],
@@ -145,3 +147,16 @@ def test_merge_mode_none_converts_like_concat():
     _, h_n = _run(tree, jnp.asarray(x), True)
     np.testing.assert_allclose(h_n[0], np.asarray(fwd), **TOL)
     np.testing.assert_allclose(h_n[1], np.asarray(bwd), **TOL)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_keras_weights_are_what_from_keras_reads(bias):
+    """The benchmark's Keras peer gets its weights from ``_keras_weights``: the inverse of
+    ``from_keras`` (gates back in Keras's order ``z, r, h``)."""
+    cell = gru_jax.cell_of(gru_jax.init_gru(jax.random.key(3), D, H, bias=bias))
+    weights = _keras_weights(cell)
+    assert [w.shape for w in weights] == [(D, 3 * H), (H, 3 * H), (2, 3 * H)][: len(weights)]
+    np.testing.assert_array_equal(weights[0][:, :H], cell["w_ih"][:, H : 2 * H])  # z first
+    back = from_keras(weights)
+    for name, value in stack_cells([cell]).items():
+        jax.tree.map(np.testing.assert_array_equal, back[name], value)
