@@ -93,6 +93,46 @@ def reset_after_partials(a_r, a_z, x_n, hn, h):
     return h_new, pullback(jnp.ones_like(h_new))
 
 
+def plus(a, b):
+    """``a + b`` for a bias ``b`` (or ``None``): an ``(H,)`` bias is broadcast explicitly,
+    since callers may run with ``jax_numpy_rank_promotion="raise"``."""
+    if b is None:
+        return a
+    return a + (b.reshape((1,) * (a.ndim - 1) + b.shape) if b.ndim == 1 else b)
+
+
+NO_BIASES = (None, None, None, None)
+
+
+def wire(x, hp, biases=NO_BIASES):
+    """The gate wiring: the cell's arguments from the input side and the hidden side.
+
+    Every strategy (the XLA loops, both Pallas kernels) and the derivative call this, each
+    after its own matmuls, so that which projection feeds which gate is written once.
+
+    Args:
+      x: ``(x_r, x_z, x_n)``, the input projections ``x W_i*`` of the three gates, each
+        ``(..., H)``, with or without the biases folded in (see :func:`split_bias`).
+      hp: ``(h_r, h_z, h_n)``, the hidden products ``h W_h*``; ``h_n`` is ``None`` for the
+        reset-before cell, whose ``n`` gate multiplies ``r ⊙ h`` instead.
+      biases: ``(b_r, b_z, b_n, b_hn)``, the biases not folded into ``x`` (any ``None``):
+        ``b_r, b_z`` join the gates' pre-activations, ``b_n`` the input side of ``n`` and
+        ``b_hn`` its hidden side.
+
+    Returns:
+      ``(a_r, a_z, x_n, hn)`` as :func:`cell` and :func:`reset_after_cell` take them
+      (``hn`` ``None`` for the reset-before cell).
+    """
+    (x_r, x_z, x_n), (h_r, h_z, h_n), (b_r, b_z, b_n, b_hn) = x, hp, biases
+    hn = None if h_n is None else plus(h_n, b_hn)
+    return plus(x_r + h_r, b_r), plus(x_z + h_z, b_z), plus(x_n, b_n), hn
+
+
+def gates(a, hidden: int):
+    """The three ``(..., H)`` gate blocks ``r, z, n`` of a fused ``(..., 3H)`` array."""
+    return tuple(a[..., g * hidden : (g + 1) * hidden] for g in range(3))
+
+
 def fused_step(xp, h, w_hh, b_hn, *, reset_after: bool, compute_dtype):
     """A GRU step given the input projection ``xp`` of fused gates.
 
@@ -117,21 +157,12 @@ def fused_step(xp, h, w_hh, b_hn, *, reset_after: bool, compute_dtype):
         )
 
     if reset_after:
-        hp = mm(h, w_hh)
-        a_rz = xp[..., : 2 * hidden] + hp[..., : 2 * hidden]
-        hn = hp[..., 2 * hidden :]
-        if b_hn is not None:
-            hn = hn + b_hn
-
-        def n_hidden(r):
-            return r * hn
-    else:
-        a_rz = xp[..., : 2 * hidden] + mm(h, w_hh[..., : 2 * hidden])
-
-        def n_hidden(r):
-            return mm(r * h, w_hh[..., 2 * hidden :])
-
-    return cell(a_rz[..., :hidden], a_rz[..., hidden:], xp[..., 2 * hidden :], h, n_hidden)
+        biases = (None, None, None, b_hn)
+        a_r, a_z, x_n, hn = wire(gates(xp, hidden), gates(mm(h, w_hh), hidden), biases)
+        return reset_after_cell(a_r, a_z, x_n, hn, h)
+    h_rz = mm(h, w_hh[..., : 2 * hidden])
+    a_r, a_z, x_n, _ = wire(gates(xp, hidden), (h_rz[..., :hidden], h_rz[..., hidden:], None))
+    return cell(a_r, a_z, x_n, h, lambda r: mm(r * h, w_hh[..., 2 * hidden :]))
 
 
 def split_bias(b_ih, b_hh, hidden: int, reset_after: bool):

@@ -19,8 +19,8 @@ With ``remat`` the tangent pass runs chunk by chunk, each chunk rerunning the fo
 over its steps from the state before it, so that only one state per chunk is kept.
 
 Only the JVP is custom, so forward and reverse mode (and their compositions) both work.
-This module imports jax and :mod:`gru_jax._loops`, :mod:`gru_jax._remat`,
-:mod:`gru_jax._masking`.
+This module imports jax and :mod:`gru_jax._cell`, :mod:`gru_jax._loops`,
+:mod:`gru_jax._remat`, :mod:`gru_jax._masking`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gru_jax import _loops, _masking, _remat
+from gru_jax import _cell, _loops, _masking, _remat
 from gru_jax._loops import Options, Recurrence
 
 
@@ -110,11 +110,11 @@ def tangent_sources(opts: Options, coefs, srcs, dsrcs, hprevs, w_ih, tangents):
             ]
         )
         if not _is_zero(dbias_x):
-            x_part = _loops.plus(x_part, dbias_x[k].astype(acc_dtype))
+            x_part = _cell.plus(x_part, dbias_x[k].astype(acc_dtype))
         h_part = None if _is_zero(dw_hh) else _loops.mm(hprev, dw_hh[k], cd, acc_dtype)
         if not _is_zero(db_hn):
             zeros = jnp.zeros((2 * hidden,), acc_dtype)
-            h_part = _loops.plus(h_part, jnp.concatenate([zeros, db_hn[k].astype(acc_dtype)]))
+            h_part = _cell.plus(h_part, jnp.concatenate([zeros, db_hn[k].astype(acc_dtype)]))
         terms = []
         if x_part is not None:
             # r, z: c_g * x; n: the input enters outside the reset gate, scaled by c_f.

@@ -1,40 +1,106 @@
-"""One layer over time: the one entry point to the time loops, and the rule that picks one.
+"""One layer over time: the one place that names the strategies, and the rule that picks one.
 
-:func:`run_layer` is the only caller of the loop strategies of :mod:`gru_jax._loops` (and of
-the derivative that wraps them). The rule, in order:
+Every strategy has the contract of :mod:`gru_jax._loops`: ``layer(lp, xs, h0, lengths,
+opts) -> (ys, h_n)``. They are:
 
-0. Symbolic shapes (``jax.export`` with a symbolic batch size or time): the rule below with
-   ``unroll=1`` and without inference's phases, whose unrolled trip counts and row
-   prefixes need concrete sizes; the program is then the same for every shape.
-1. ``impl="pallas"``: :func:`gru_jax._pallas.layer`, one fused Pallas kernel per layer for
-   the whole sequence, with its own custom VJP (either ``reset_after``); chosen only when
-   asked for (see :func:`resolve_impl`).
-2. ``reset_after=False`` (Cho et al.): :func:`gru_jax._loops.scan_layer`, a plain scan that
-   JAX differentiates itself. The variant is rare and its matmul after the reset gate leaves
-   no room for the reset-after tricks.
-3. ``reset_after=True``: :func:`gru_jax._derivative.layer`, whose primal (inference) is
-   :func:`gru_jax._loops.inplace_forward`, phased over rows sorted by length when there are
-   ``lengths`` and ``unroll=1``, and whose custom JVP runs
-   :func:`gru_jax._loops.scan_with_partials` (or, with ``remat``,
-   :func:`gru_jax._remat.chunked_forward` and a rerun per chunk).
+* ``"xla"``: :func:`gru_jax._xla.layer`, the reset-after loops that keep no gates, with the
+  custom JVP of :mod:`gru_jax._derivative`;
+* ``"scan"``: :func:`gru_jax._scan.layer`, a plain ``lax.scan`` that JAX differentiates;
+* ``"pallas"``: :func:`gru_jax._pallas.layer`, one fused Pallas kernel per layer and pass.
 
-A new strategy is one more branch here, chosen by a documented rule, and one more function
-beside the others.
+The rule (:func:`strategy`), for the platform the layer is compiled for:
 
-This module imports jax and :mod:`gru_jax._cell`, :mod:`gru_jax._loops`,
-:mod:`gru_jax._derivative`, :mod:`gru_jax._pallas`, :mod:`gru_jax._masking`.
+1. ``impl="pallas"``: the Pallas kernel, lowered for that platform (Triton on a GPU,
+   Mosaic on a TPU, interpreted on the CPU). It needs concrete shapes: with a symbolic
+   batch or time (``jax.export``) it raises ``ValueError``.
+2. ``impl="auto"``: a platform in :data:`PALLAS_FASTER_ON` takes the kernel (none does: no
+   recorded measurement shows it faster yet); every other takes ``"xla"``.
+3. ``impl="xla"`` (or ``"auto"`` otherwise): ``"xla"`` for the reset-after cell, ``"scan"``
+   for ``reset_after=False``, whose matmul after the reset gate leaves no room for the
+   tricks of ``"xla"``.
+
+Platform choices: ``unroll=None`` is :func:`gru_jax.default_unroll` of the platform the
+layer is compiled for (1 on the CPU, with inference's phases; 8 elsewhere), chosen with
+``jax.lax.platform_dependent``, so that a CPU host exporting for ``cuda`` gets the
+accelerator's loop. With symbolic shapes the XLA loops run at ``unroll=1`` and without
+phases, whose trip counts and row prefixes need concrete sizes; the program is then the
+same on every platform.
+
+This module imports jax and :mod:`gru_jax._loops`, :mod:`gru_jax._xla`,
+:mod:`gru_jax._scan`, :mod:`gru_jax._pallas`.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import contextlib
+import contextvars
+import enum
+import functools
 
-from gru_jax import _cell, _derivative, _loops, _masking, _pallas
+import jax
+
+from gru_jax import _loops, _pallas, _scan, _xla
 
 
-def run_layer(lp, xs, h0, *, lengths, time_axis: int, reset_after: bool, unroll: int,
-              remat: bool, compute_dtype, impl: str = "xla"):  # fmt: skip
-    """Runs one layer, all directions at once.
+class Impl(enum.StrEnum):
+    """The values of ``impl``: what a user may ask for."""
+
+    AUTO = "auto"
+    XLA = "xla"
+    PALLAS = "pallas"
+
+
+IMPLS = tuple(i.value for i in Impl)
+
+# The strategies by name: every one has the signature layer(lp, xs, h0, lengths, opts).
+STRATEGIES = {"xla": _xla.layer, "scan": _scan.layer, "pallas": _pallas.layer}
+
+# The platforms where recorded measurements show the Pallas kernel faster than the XLA
+# loops, so that impl="auto" picks it there (see the performance docs): none yet.
+PALLAS_FASTER_ON: frozenset[str] = frozenset()
+
+# The platforms a layer may be compiled for, each with its branch in platform_dependent.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+_interpret_kernel = contextvars.ContextVar("interpret_kernel", default="gpu")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`IMPLS`, else ``ValueError``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    return Impl(impl).value
+
+
+def strategy(impl: str, reset_after: bool, platform: str) -> str:
+    """The name of the strategy that runs a layer compiled for ``platform`` (the rule)."""
+    if impl == Impl.PALLAS or (impl == Impl.AUTO and platform in PALLAS_FASTER_ON):
+        return "pallas"
+    return "xla" if reset_after else "scan"
+
+
+@contextlib.contextmanager
+def interpret_kernel(kind: str):
+    """Within the block, ``impl="pallas"`` on the CPU interprets the ``kind`` (``"gpu"`` or
+    ``"tpu"``) kernel: the tests of the TPU kernel's numbers (TPU interpret mode)."""
+    token = _interpret_kernel.set(kind)
+    try:
+        yield
+    finally:
+        _interpret_kernel.reset(token)
+
+
+def current_interpret_kernel() -> str:
+    """The kernel that ``impl="pallas"`` interprets on the CPU here (see
+    :func:`interpret_kernel`): part of :func:`gru_jax.gru`'s static configuration."""
+    return _interpret_kernel.get()
+
+
+def run_layer(
+    lp, xs, h0, *, lengths, time_axis: int, reset_after: bool, unroll: int | None, remat: bool,
+    compute_dtype, impl: str = "auto", interpret_kernel: str = "gpu",
+):  # fmt: skip
+    """Runs one layer, all directions at once, by the strategy the rule picks.
 
     Args:
       lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
@@ -44,65 +110,41 @@ def run_layer(lp, xs, h0, *, lengths, time_axis: int, reset_after: bool, unroll:
       lengths: ``int32[B]`` in ``[0, T]``, or ``None`` when every sequence is full length:
         the only masking input.
       time_axis: 0 or 1, the time axis of ``xs`` and of the output.
-      reset_after, unroll, remat, compute_dtype: as :func:`gru_jax.gru` (``unroll`` an int).
-      impl: ``"xla"`` or ``"pallas"`` (resolved from ``"auto"`` by :func:`resolve_impl`).
+      reset_after, unroll, remat, compute_dtype, impl: as :func:`gru_jax.gru`.
+      interpret_kernel: which Pallas kernel the CPU interprets (see
+        :func:`interpret_kernel`).
 
     Returns:
       ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``) in the accumulation dtype,
       zero at padded steps; ``h_n`` ``(K, B, H)``, each direction's state after its last
       valid step.
-    """
-    static = all(isinstance(d, int) for d in xs.shape)
-    if not static:
-        # Symbolic shapes (jax.export): a scan unrolled by k needs T // k at trace time.
-        unroll = 1
-    if impl == "pallas":
-        states, h_n = _pallas.layer(
-            lp, xs, h0, lengths, time_axis=time_axis, reset_after=reset_after, unroll=unroll,
-            compute_dtype=compute_dtype, interpret=_loops.platform() == "cpu",
-        )  # fmt: skip
-        return _outputs(states, lengths, time_axis), h_n
-    if not reset_after:
-        states, h_n = _loops.scan_layer(
-            lp, _loops.time_major(xs, time_axis), h0, lengths, reset_after=reset_after,
-            unroll=unroll, remat=remat, compute_dtype=compute_dtype,
-        )  # fmt: skip
-        return _loops.time_major(_outputs(states, lengths, 0), time_axis), h_n
-    w_ih, w_hh = lp["w_ih"], lp["w_hh"]
-    bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), w_hh.shape[1], reset_after)
-    opts = _loops.Options(
-        int(unroll), bool(remat), jnp.dtype(compute_dtype), time_axis, phases=static
-    )
-    # h_n is the state after scan step length - 1 in both directions (h0 for length 0).
-    states, h_last = _derivative.layer(opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
-    return _outputs(states, lengths, time_axis), jnp.stack(h_last)
-
-
-IMPLS = ("auto", "xla", "pallas")
-
-
-def resolve_impl(impl: str) -> str:
-    """The loop implementation that ``impl`` stands for: ``"xla"`` or ``"pallas"``.
-
-    ``"auto"`` is ``"xla"`` everywhere: no measurement recorded in the performance docs
-    shows the Pallas kernel faster yet (it has not been timed on a GPU). ``"pallas"`` on
-    the CPU runs the kernel in Pallas's interpret mode (for tests, not for speed).
 
     Raises:
-      ValueError: if ``impl`` is not one of :data:`IMPLS`.
+      ValueError: ``impl="pallas"`` with a symbolic batch size or time.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    return "xla" if impl == "auto" else impl
+    static = all(isinstance(d, int) for d in xs.shape)
+    if impl == Impl.PALLAS and not static:
+        raise ValueError(
+            f'impl="pallas" needs concrete batch and time sizes; got the symbolic input shape '
+            f'{xs.shape}: use impl="xla" or impl="auto" to export with symbolic shapes'
+        )
+    options = functools.partial(
+        _loops.Options, remat=bool(remat), time_axis=time_axis, reset_after=bool(reset_after),
+        interpret_kernel=interpret_kernel,
+    )  # fmt: skip
 
-
-def _outputs(states, lengths, time_axis: int):
-    """The layer output from the per-direction states in scan order: the reverse direction
-    put back in forward order, both concatenated, padded steps set to exactly 0."""
-    y = states[0]
-    if len(states) == 2:
-        y = jnp.concatenate([y, _masking.reverse_valid(states[1], lengths, time_axis)], axis=-1)
-    if lengths is not None:
-        mask = _masking.time_mask(lengths, y.shape[time_axis], time_axis)
-        y = jnp.where(mask, y, jnp.zeros((), y.dtype))
-    return y
+    branches, per_platform = {}, {}
+    for platform in PLATFORMS:
+        name = strategy(impl, reset_after, platform)
+        u = unroll
+        if name != "pallas" and (u is None or not static):
+            # Symbolic shapes: a loop unrolled by k needs T // k at trace time.
+            u = _loops.default_unroll(platform) if static else 1
+        opts = options(unroll=u, compute_dtype=compute_dtype, phases=static)
+        # One callable per distinct branch: platform_dependent traces each once.
+        per_platform[platform] = branches.setdefault(
+            (name, opts), functools.partial(STRATEGIES[name], opts=opts)
+        )
+    if len(branches) == 1:
+        return per_platform["cpu"](lp, xs, h0, lengths)
+    return jax.lax.platform_dependent(lp, xs, h0, lengths, **per_platform)

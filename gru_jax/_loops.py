@@ -1,10 +1,16 @@
-"""The time loops of one layer: the strategies that :mod:`gru_jax._dispatch` chooses from.
+"""The pieces of the XLA time loops that the strategies share, and the strategies' contract.
 
-Each strategy runs every direction of one layer over time; the reverse direction reads its
+The contract (:class:`Options`, :func:`layer_output`): every strategy is a function
+``layer(lp, xs, h0, lengths, opts) -> (ys, h_n)`` of one layer's params, its input in
+either layout, the initial states, the lengths (or ``None``) and the static options; it runs
+every direction, and returns the layer output, zero at padded steps, and the last states.
+The strategies are :mod:`gru_jax._xla` (the reset-after loops with their custom JVP),
+:mod:`gru_jax._scan` (the plain scan) and :mod:`gru_jax._pallas` (the fused kernel);
+:mod:`gru_jax._dispatch` is the one place that names them.
+
+The loops here run every direction of one layer over time; the reverse direction reads its
 input valid-prefix-reversed (:func:`source`), so that every loop runs forward in time.
 
-* :func:`scan_layer`: a plain ``lax.scan`` of :func:`gru_jax._cell.fused_step`,
-  differentiated by JAX itself. Any ``reset_after``.
 * :func:`inplace_forward`: the reset-after forward pass that keeps no gates: it writes each
   new state over a projection nothing reads again, in the caller's layout, and with
   ``lengths`` runs the rows sorted by length in phases that skip most padded steps.
@@ -50,10 +56,13 @@ def default_unroll(backend: str | None = None) -> int:
     faster; :data:`ACCELERATOR_UNROLL` (8) on any other backend, where every iteration
     costs kernel launches (measured on a GPU; a TPU takes the same value unmeasured).
 
+    The loops read it for the platform they are compiled for, not the one that traces
+    them: a CPU host exporting for ``cuda`` gets the accelerator's unroll.
+
     Args:
-      backend: a JAX platform name (``"cpu"``, ``"gpu"``, ``"tpu"``, ...); ``None``: the
-        platform that computations go to at trace time: that of ``jax.default_device``
-        where one is set (say the CPU, on a machine with a GPU), else
+      backend: a JAX platform name (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"tpu"``, ...);
+        ``None``: the platform that computations go to by default: that of
+        ``jax.default_device`` where one is set (say the CPU, on a machine with a GPU), else
         ``jax.default_backend()``.
     """
     return 1 if (backend or platform()) == "cpu" else ACCELERATOR_UNROLL
@@ -68,10 +77,11 @@ def platform() -> str:
     return device if isinstance(device, str) else device.platform
 
 
-def check_unroll(unroll) -> int:
-    """``unroll`` as an ``int >= 1`` (``None``: :func:`default_unroll`), else ``ValueError``."""
+def check_unroll(unroll) -> int | None:
+    """``unroll`` as an ``int >= 1``, or ``None`` (each platform's :func:`default_unroll`,
+    chosen where the computation is lowered), else ``ValueError``."""
     if unroll is None:
-        return default_unroll()
+        return None
     try:  # any integer type (Python or NumPy), but not a float or a bool
         value = None if isinstance(unroll, bool) else operator.index(unroll)
     except TypeError:
@@ -82,18 +92,24 @@ def check_unroll(unroll) -> int:
 
 
 class Options(NamedTuple):
-    """The static options of a layer's loops (hashable: a ``custom_jvp`` nondiff argument).
+    """The static options of one layer, as every strategy takes them (hashable: a
+    ``custom_jvp`` nondiff argument).
 
-    ``time_axis``: the time axis of the layer's input and states (0: ``(T, B, ·)``, 1:
-    ``(B, T, ·)``, a batch-first input read where it lies). ``phases``: whether inference
-    with lengths may run the rows sorted, in phases (see :func:`inplace_forward`).
+    ``time_axis``: the time axis of the layer's input and output (0: ``(T, B, ·)``, 1:
+    ``(B, T, ·)``, a batch-first input read where it lies). ``unroll``: the time loops'
+    unroll factor, ``None`` only for the Pallas kernel, which then takes its platform's
+    default where it is lowered. ``phases``: whether inference with lengths may run the
+    rows sorted, in phases (see :func:`inplace_forward`). ``interpret_kernel``: which
+    Pallas kernel the CPU interprets, ``"gpu"`` or ``"tpu"`` (tests of the TPU kernel).
     """
 
-    unroll: int
+    unroll: int | None
     remat: bool
     compute_dtype: Any
     time_axis: int = 0
     phases: bool = True
+    reset_after: bool = True
+    interpret_kernel: str = "gpu"
 
 
 class Recurrence(NamedTuple):
@@ -133,6 +149,28 @@ def source(xs, lengths, k: int, time_axis: int = 0):
     return xs if k == 0 else _masking.reverse_valid(xs, lengths, time_axis)
 
 
+def layer_output(states, lengths, time_axis: int):
+    """The layer output of the contract from the per-direction states in scan order.
+
+    Args:
+      states: per direction, ``(T, B, H)`` (``(B, T, H)`` for ``time_axis=1``), the reverse
+        direction's valid-reversed; padded steps unspecified.
+      lengths: ``int32[B]`` or ``None``.
+      time_axis: 0 or 1.
+
+    Returns:
+      ``(T, B, K*H)`` (``(B, T, K*H)``): the reverse direction put back in forward order,
+      the directions concatenated, padded steps exactly 0.
+    """
+    y = states[0]
+    if len(states) == 2:
+        y = jnp.concatenate([y, _masking.reverse_valid(states[1], lengths, time_axis)], axis=-1)
+    if lengths is not None:
+        mask = _masking.time_mask(lengths, y.shape[time_axis], time_axis)
+        y = jnp.where(mask, y, jnp.zeros((), y.dtype))
+    return y
+
+
 def mm(a, w, compute_dtype, acc_dtype, spec: str = "...i,io->...o"):
     """``a @ w`` (or another 2-operand ``spec``) with inputs in ``compute_dtype``.
 
@@ -162,7 +200,7 @@ def project(src, w_ih_k, compute_dtype, acc_dtype):
 def project_fused(xs, w_ih, bias_x, lengths, compute_dtype, acc_dtype):
     """Per direction, ``x @ w_ih + bias_x`` of every step in scan order, ``(T, B, 3H)``: the
     input projection as one matmul outside the recurrence, gates fused (the loops that read
-    them whole: :func:`scan_layer` and the Pallas kernel).
+    them whole: :mod:`gru_jax._scan` and the Pallas kernel).
 
     Args:
       xs: ``(T, B, D)``, zero at padded steps.
@@ -179,11 +217,6 @@ def project_fused(xs, w_ih, bias_x, lengths, compute_dtype, acc_dtype):
         )
         out.append(xp_k if bias_x is None else xp_k + bias_x[k].astype(acc_dtype)[None, None])
     return out
-
-
-def plus(a, b):
-    """``a + b`` for ``b`` an ``(H,)`` bias (or ``None``), broadcast explicitly."""
-    return a if b is None else a + b.reshape((1,) * (a.ndim - 1) + b.shape)
 
 
 def hidden_matmuls(hs, w, compute_dtype, transposed: bool = False):
@@ -220,11 +253,7 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
     hps = hidden_matmuls(hs, rec.w, compute_dtype)
     new, saved = [], []
     for k, h in enumerate(hs):
-        hidden = h.shape[-1]
-        x_r, x_z, x_n = x_t[k]
-        b_r, b_z, b_n, b_hn = rec.biases[k]
-        hp = [hps[k][..., g * hidden : (g + 1) * hidden] for g in range(3)]
-        args = (plus(x_r + hp[0], b_r), plus(x_z + hp[1], b_z), plus(x_n, b_n), plus(hp[2], b_hn))
+        args = _cell.wire(x_t[k], _cell.gates(hps[k], h.shape[-1]), rec.biases[k])
         if partials:
             h_new, (d_r, d_z, d_xn, d_hn, d_h) = _cell.reset_after_partials(*args, h)
             # Packed per step as the tangent loop reads them: the three hidden-side
@@ -240,55 +269,7 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
 
 
 # --------------------------------------------------------------------------------------------
-# Strategy: the plain scan
-# --------------------------------------------------------------------------------------------
-
-
-def scan_layer(lp, xs, h0, lengths, *, reset_after, unroll, remat, compute_dtype):
-    """One layer, every direction in one ``lax.scan`` of the fused cell, time-major.
-
-    Chosen for ``reset_after=False``: JAX's own autodiff differentiates it, and it is the
-    simplest loop (one fused ``(K, B, H) @ (K, H, 3H)`` matmul per step).
-
-    Args:
-      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
-      xs: ``(T, B, D)``, zero at padded steps.
-      h0: ``(K, B, H)`` in the accumulation dtype.
-      lengths: ``int32[B]`` or ``None``.
-      reset_after, unroll, remat, compute_dtype: as :func:`gru_jax.gru`.
-
-    Returns:
-      ``(states, h_last)``: per direction the ``(T, B, H)`` states in scan order (the
-      reverse direction's valid-reversed) and the ``(K, B, H)`` last states.
-    """
-    acc_dtype = h0.dtype
-    w_ih, w_hh = lp["w_ih"], lp["w_hh"]
-    num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
-    bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), hidden, reset_after)
-    xp = jnp.stack(project_fused(xs, w_ih, bias_x, lengths, compute_dtype, acc_dtype), axis=1)
-    b_hn = None if b_hn is None else b_hn[:, None, :].astype(acc_dtype)  # (K, 1, H)
-    steps = xs.shape[0]
-    # (T, 1, B, 1) against h (K, B, H).
-    mask = None if lengths is None else _masking.time_mask(lengths, steps)[:, None]
-
-    def body(h, inputs):
-        xp_t, m_t = inputs
-        h_new = _cell.fused_step(
-            xp_t, h, w_hh, b_hn, reset_after=reset_after, compute_dtype=compute_dtype
-        )
-        if m_t is not None:
-            # Past a sequence's end its state is frozen, as with torch's PackedSequence.
-            h_new = jnp.where(m_t, h_new, h)
-        return h_new, h_new
-
-    if remat:
-        body = jax.checkpoint(body)
-    h_last, ys = jax.lax.scan(body, h0, (xp, mask), unroll=unroll)  # ys: (T, K, B, H)
-    return tuple(ys[:, k] for k in range(num_dirs)), h_last
-
-
-# --------------------------------------------------------------------------------------------
-# Strategy: the in-place (phased) forward pass
+# The in-place (phased) forward pass
 # --------------------------------------------------------------------------------------------
 
 
@@ -362,7 +343,7 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     """The reset-after forward pass that keeps no gates (inference), in ``opts.time_axis``'s
     layout.
 
-    Chosen for the primal of every reset-after layer (see :mod:`gru_jax._dispatch`). The
+    The primal of the reset-after strategy (:mod:`gru_jax._xla`). The
     input projections of all steps come first; the loop then reads step ``t`` of them and
     writes the new state into the slot of the ``n`` gate's projection of step ``t``, which
     nothing reads again: that array leaves the loop as the states, so the output needs no
@@ -424,7 +405,7 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
 
 
 # --------------------------------------------------------------------------------------------
-# Strategy: the scan that hands out partial derivatives (for the derivative)
+# The scan that hands out partial derivatives (for the derivative)
 # --------------------------------------------------------------------------------------------
 
 

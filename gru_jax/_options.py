@@ -43,7 +43,7 @@ class StackOptions:
         _stack.check_dropout(self.dropout)
         if self.unroll is not None:
             _loops.check_unroll(self.unroll)
-        _dispatch.resolve_impl(self.impl)
+        _dispatch.check_impl(self.impl)
 
     @property
     def num_directions(self) -> int:

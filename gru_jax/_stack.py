@@ -28,11 +28,12 @@ class _Config(NamedTuple):
     unbatched: bool
     dropout: float
     reset_after: bool
-    unroll: int
+    unroll: int | None  # None: each platform's default, chosen where it is compiled
     remat: bool
     compute_dtype: Any
     acc_dtype: Any
     impl: str
+    interpret_kernel: str  # the Pallas kernel the CPU interprets (see _dispatch)
 
 
 def gru(
@@ -119,7 +120,7 @@ def gru(
     """
     num_layers, num_dirs, in_features, hidden = _params.stack_dims(params)
     unroll = _loops.check_unroll(unroll)
-    impl = _dispatch.resolve_impl(impl)
+    impl = _dispatch.check_impl(impl)
     x = jnp.asarray(x)
     _cell.check_float("x", x)
     check_dropout(dropout)
@@ -162,7 +163,7 @@ def gru(
         key = None
     config = _Config(
         axis, unbatched, float(dropout), bool(reset_after), unroll, bool(remat),
-        compute_dtype, acc_dtype, impl,
+        compute_dtype, acc_dtype, impl, _dispatch.current_interpret_kernel(),
     )  # fmt: skip
     return _stack(config, params, x, h0, lengths, key)
 
@@ -218,7 +219,7 @@ def _stack(config: _Config, params, x, h0, lengths, key):
     run = functools.partial(
         _dispatch.run_layer, lengths=lengths, time_axis=axis, reset_after=config.reset_after,
         unroll=config.unroll, remat=config.remat, compute_dtype=config.compute_dtype,
-        impl=config.impl,
+        impl=config.impl, interpret_kernel=config.interpret_kernel,
     )  # fmt: skip
     y, h_first = run(params["layer_0"], xs, h0[:num_dirs])
     finals = [h_first]

@@ -57,6 +57,9 @@ CALLS = {
     "nnx rngs": lambda: gnnx.GRU(D, H, rngs="seed"),
     "sizes": lambda: gru_jax.GRU(0).init(jax.random.key(0), X),
     "impl": lambda: gru(impl="cuda"),
+    "impl symbolic": lambda: jax.export.export(jax.jit(lambda x: gru(x, impl="pallas")))(
+        jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {T}, {D}"), jnp.float32)
+    ),
     "params": lambda: gru_jax.gru({"layer_0": {"w_ih": PARAMS["layer_0"]["w_ih"]}}, X),
     "state_dict": lambda: from_torch({"weight_ih_l0": np.zeros((3 * H, D))}),
     "state_dict prefix": lambda: from_torch(

@@ -1,10 +1,16 @@
-"""``impl="pallas"``: the fused kernel's numbers against torch.nn.GRU and the XLA path.
+"""``impl="pallas"``: the fused kernels' numbers against torch.nn.GRU and the XLA path, and
+their lowerings.
 
-On the CPU the kernel runs in Pallas's interpret mode, so these tests check its arithmetic
-(forward and backward kernels, padding, lengths, both directions), not its speed. Each case
-is one compilation of a whole gradient, the cost that dominates here: the cases combine the
-options rather than cross them.
+On the CPU the kernels run in Pallas's interpret modes, so these tests check their
+arithmetic (forward and backward kernels, padding, lengths, both directions), not their
+speed: the GPU kernel in the generic interpreter, the TPU kernel in TPU interpret mode
+(which checks TPU memory semantics), each case once per kernel. Each case is one
+compilation of a whole gradient, the cost that dominates here: the cases combine the
+options rather than cross them. Exports for ``cuda`` and ``tpu`` from this CPU host check
+that both kernels lower (Triton custom calls, ``tpu_custom_call``s).
 """
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +19,18 @@ import pytest
 import torch
 
 import gru_jax
-from gru_jax import _loops
+from gru_jax import _dispatch, _pallas_platforms
 from gru_jax.interop import from_torch, to_torch
 
 torch.set_num_threads(1)
+
+# The CPU's interpret-mode warning is tested once, below; elsewhere it is expected.
+pytestmark = pytest.mark.filterwarnings("ignore:impl=.pallas. runs its kernel")
+
+# The kernels the CPU interprets: the GPU kernel (generic interpreter), the TPU kernel (TPU
+# interpret mode).
+KERNELS = ("gpu", "tpu")
+TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
 D, H, T, B = 3, 5, 6, 4
 # Lengths 0 and T, and two in between (one of them 1).
@@ -84,8 +98,11 @@ _TORCH_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("num_layers,bidirectional,lengths,bias,batch_first,with_h0", _TORCH_CASES)
-def test_pallas_matches_torch(num_layers, bidirectional, lengths, bias, batch_first, with_h0):
+def test_pallas_matches_torch(
+    num_layers, bidirectional, lengths, bias, batch_first, with_h0, kernel
+):
     torch.manual_seed(num_layers * 10 + bidirectional)
     ref = torch.nn.GRU(
         D, H, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional
@@ -99,9 +116,10 @@ def test_pallas_matches_torch(num_layers, bidirectional, lengths, bias, batch_fi
     ).backward()
 
     params = from_torch(ref.state_dict())
-    out, hn, grads = _jax_run(
-        params, x, h0, out_w, hn_w, lengths=lengths, batch_first=batch_first, impl="pallas"
-    )
+    with _dispatch.interpret_kernel(kernel):
+        out, hn, grads = _jax_run(
+            params, x, h0, out_w, hn_w, lengths=lengths, batch_first=batch_first, impl="pallas"
+        )
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(hn, t_hn.detach().numpy(), rtol=1e-5, atol=1e-6)
     if lengths is not None:
@@ -129,27 +147,31 @@ def _assert_trees_close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     "reset_after,bias,batch_first,unroll", [(False, True, False, 4), (True, False, True, 1)]
 )
-def test_pallas_matches_xla(reset_after, bias, batch_first, unroll):
+def test_pallas_matches_xla(reset_after, bias, batch_first, unroll, kernel):
     """Both cell variants (torch has only reset-after) against the XLA path, within 1e-5;
     ``unroll=4`` leaves a remainder of the T=6 steps after the unrolled loop."""
     params = _params(5, 2, True, bias)
     x, h0, out_w, hn_w = _data(7, 2, True, batch_first, True)
     options = dict(lengths=LENGTHS, batch_first=batch_first, reset_after=reset_after, unroll=unroll)
-    got = _jax_run(params, x, h0, out_w, hn_w, impl="pallas", **options)
+    with _dispatch.interpret_kernel(kernel):
+        got = _jax_run(params, x, h0, out_w, hn_w, impl="pallas", **options)
     want = _jax_run(params, x, h0, out_w, hn_w, impl="xla", **options)
     _assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_pallas_bfloat16_matches_xla():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_pallas_bfloat16_matches_xla(kernel):
     """``dtype=jnp.bfloat16``: bfloat16 matmul inputs, float32 carry, on both paths; the
     two round the same operands, so they agree to well within bfloat16's precision."""
     params = _params(6, 1, True, True)
     x, h0, out_w, hn_w = _data(8, 1, True, True, True)
     options = dict(lengths=LENGTHS, dtype=jnp.bfloat16)
-    got = _jax_run(params, x, h0, out_w, hn_w, impl="pallas", **options)
+    with _dispatch.interpret_kernel(kernel):
+        got = _jax_run(params, x, h0, out_w, hn_w, impl="pallas", **options)
     want = _jax_run(params, x, h0, out_w, hn_w, impl="xla", **options)
     _assert_trees_close(got, want, rtol=2e-2, atol=2e-2)
     assert got[0].dtype == jnp.float32
@@ -210,26 +232,83 @@ def test_bench_times_pallas_off_the_cpu_only_unless_asked():
         assert "pallas" not in _cli.plan(True).peers
 
 
-def test_kernels_lower_for_cuda(monkeypatch):
-    """Forward and backward kernels lower through Pallas's Triton backend (no GPU needed:
-    export only lowers), so a GPU run does not fail on an unsupported operation or block."""
-    monkeypatch.setattr(_loops, "platform", lambda: "cuda")  # interpret=False
+def _gradient_step(params, x):
+    def loss(params, x):
+        out, hn = gru_jax.gru(params, x, lengths=LENGTHS, reset_after=False, impl="pallas")
+        return jnp.sum(out) + jnp.sum(hn)
+
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+
+def _forward(params, x):
+    return gru_jax.gru(params, x, lengths=LENGTHS, impl="pallas")
+
+
+@pytest.mark.parametrize(
+    "platform,call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")]
+)
+def test_kernels_lower_for_gpu_and_tpu_from_a_cpu_host(platform, call):
+    """An export for ``cuda`` (``tpu``) made here holds the compiled kernels, Triton
+    (Mosaic) custom calls, one per direction-pass, for the forward and the gradient: the
+    lowering is chosen for the platform exported for, not for this CPU."""
     params = _params(2, 1, True, True)
     x = jnp.ones((B, T, D), jnp.float32)
+    for fn, kernels in (
+        (_forward, {"gru_forward": 1}),
+        (_gradient_step, {"gru_forward": 1, "gru_backward": 1}),
+    ):
+        text = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=[TRITON])(
+            params, x
+        ).mlir_module()
+        assert text.count(call) == sum(kernels.values()), fn.__name__
+        for name, count in kernels.items():
+            assert text.count(name) >= count
 
-    def step(params, x):
-        def loss(params, x):
-            out, hn = gru_jax.gru(params, x, lengths=LENGTHS, reset_after=False, impl="pallas")
-            return jnp.sum(out) + jnp.sum(hn)
 
-        return jax.grad(loss, argnums=(0, 1))(params, x)
-
+def test_multi_platform_export_of_the_kernel_runs_on_the_cpu():
+    """One artefact for the CPU, CUDA and TPU: each platform's branch lowers its own kernel
+    (the CPU's interpreted), and called here it equals the direct call."""
+    params = _params(2, 1, True, True)
+    x = np.random.default_rng(3).standard_normal((B, T, D)).astype(np.float32)
     exported = jax.export.export(
-        jax.jit(step),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        jax.jit(_gradient_step), platforms=["cpu", "cuda", "tpu"], disabled_checks=[TRITON]
     )(params, x)
     text = exported.mlir_module()
-    # One launch per direction-pass: the forward and backward kernel, each once.
-    assert text.count('name = "gru_forward"') == 1
-    assert text.count('name = "gru_backward"') == 1
+    assert text.count("__gpu$xla.gpu.triton") == 2 and text.count("tpu_custom_call") == 2
+    _assert_trees_close(exported.call(params, x), _gradient_step(params, x), rtol=0, atol=0)
+
+
+def test_symbolic_shapes_refuse_the_kernel_and_auto_takes_xla():
+    """A symbolic batch or time: ``impl="pallas"`` raises a ValueError naming ``"xla"`` and
+    ``"auto"``; ``impl="auto"`` exports (the XLA loops)."""
+    params = _params(2, 1, False, True)
+    for dims in ("b, 6, 3", "4, t, 3"):
+        spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), jnp.float32)
+        with pytest.raises(ValueError, match='impl="pallas" needs concrete batch and time'):
+            jax.export.export(jax.jit(lambda p, x: gru_jax.gru(p, x, impl="pallas")))(params, spec)
+        exported = jax.export.export(jax.jit(lambda p, x: gru_jax.gru(p, x, impl="auto")))(
+            params, spec
+        )
+        assert "gru_forward" not in exported.mlir_module()
+
+
+def test_interpret_mode_warns_once():
+    """On the CPU the kernel runs interpreted: a warning says so once, naming impl="xla"."""
+    params = _params(2, 1, False, True)
+    x = np.ones((B, T, D), np.float32)
+    _pallas_platforms._warned = False
+    with pytest.warns(UserWarning, match='interpret mode on the CPU.*impl="xla"'):
+        gru_jax.gru(params, x, impl="pallas", unroll=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gru_jax.gru(params, x, impl="pallas", unroll=3)  # another compile, no second warning
+
+
+def test_vmap_of_the_kernel():
+    """``vmap`` over a leading axis runs the kernel batched, equal to a loop over the axis."""
+    params = _params(2, 1, True, True)
+    x = np.random.default_rng(6).standard_normal((2, B, T, D)).astype(np.float32)
+    got = jax.vmap(lambda x: gru_jax.gru(params, x, lengths=LENGTHS, impl="pallas"))(x)
+    for i in range(2):
+        want = gru_jax.gru(params, x[i], lengths=LENGTHS, impl="xla")
+        _assert_trees_close((got[0][i], got[1][i]), want, rtol=1e-5, atol=1e-6)
