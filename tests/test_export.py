@@ -136,3 +136,44 @@ def test_export_without_lengths_and_nnx_module():
     x = np.random.default_rng(3).standard_normal((2, 6, D)).astype(np.float32)
     for a, b_ in zip(export.deserialize(exp.serialize()).call(x), model(x), strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-6)
+
+
+def _dots(fn, platforms, *args) -> int:
+    """The number of matmuls in the module of ``fn`` exported for ``platforms``."""
+    return (
+        export.export(jax.jit(fn), platforms=platforms)(*args)
+        .mlir_module()
+        .count("stablehlo.dot_general")
+    )
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_each_platform_compiles_its_own_loop(impl):
+    """``unroll=None`` is chosen for the platform exported for, not for this CPU host: a
+    ``cuda`` (``tpu``) export holds the loop of ``unroll=8``, a ``cpu`` one that of
+    ``unroll=1``; a ``["cpu", "cuda", "tpu"]`` export holds both branches (the
+    accelerators share one) and, called here, equals the direct call, forward and
+    gradient."""
+    params = gru_jax.init_gru(jax.random.key(0), D, H, num_layers=2, bidirectional=True)
+    x = np.random.default_rng(4).standard_normal((3, 9, D)).astype(np.float32)
+    lengths = np.array([9, 4, 0], np.int32)
+
+    def forward(params, x, unroll=None):
+        return gru_jax.gru(params, x, lengths=lengths, unroll=unroll, impl=impl)
+
+    def gradient(params, x):
+        return jax.grad(lambda p, x: jnp.sum(forward(p, x)[0] ** 2), argnums=(0, 1))(params, x)
+
+    def pinned(unroll):
+        return lambda p, x: forward(p, x, unroll)
+
+    for platform, unroll in (("cuda", 8), ("tpu", 8), ("cpu", 1)):
+        assert _dots(forward, [platform], params, x) == _dots(pinned(unroll), [platform], params, x)
+    cpu, gpu = (_dots(forward, [p], params, x) for p in ("cpu", "cuda"))
+    assert cpu != gpu
+    assert _dots(forward, ["cpu", "cuda", "tpu"], params, x) >= cpu + gpu  # both loops
+    for fn in (forward, gradient):
+        exported = export.export(jax.jit(fn), platforms=["cpu", "cuda", "tpu"])(params, x)
+        restored = export.deserialize(exported.serialize())
+        for a, b in zip(jax.tree.leaves(restored.call(params, x)), jax.tree.leaves(fn(params, x))):
+            np.testing.assert_array_equal(a, b)
