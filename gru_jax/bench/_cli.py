@@ -321,8 +321,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "config (the median of --compile-reps first calls, JAX's caches cleared before "
             "each), and the cold start of a fresh process (imports to first gradient, twice on "
             "one persistent compilation cache folder); torch runs eagerly and has no compile "
-            "step. --compile-only prints those two tables alone (gru_jax and flax unless "
-            "--peers says otherwise) and writes no files."
+            "step. They add about two minutes to a --quick run on a 2-core CPU (three when "
+            "the machine is busy). --compile-only prints those two tables alone (gru_jax and "
+            "flax unless --peers says otherwise, about a minute) and writes no files."
         ),
     )
     parser.add_argument(
