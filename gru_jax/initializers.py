@@ -15,6 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+__all__ = ["Initializer", "check_size", "init_cell", "init_gru", "torch_uniform"]
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -34,6 +36,30 @@ def torch_uniform(hidden_size: int) -> Initializer:
     return init
 
 
+def cell_initializers(
+    in_features: int,
+    hidden_size: int,
+    bias: bool,
+    kernel_init: Initializer | None,
+    recurrent_kernel_init: Initializer | None,
+    bias_init: Initializer | None,
+) -> dict[str, tuple[Initializer, tuple[int, ...]]]:
+    """Each parameter of one cell as ``name: (initializer, shape)``: what :func:`init_cell`
+    draws and the linen ``GRUCell`` declares (not in ``__all__``: the package's own helper).
+
+    ``None`` initializers mean torch's ``U(-1/sqrt(H), 1/sqrt(H))``.
+    """
+    default = torch_uniform(hidden_size)
+    g = 3 * hidden_size
+    layout = {
+        "w_ih": (kernel_init or default, (in_features, g)),
+        "w_hh": (recurrent_kernel_init or default, (hidden_size, g)),
+    }
+    if bias:
+        layout["b_ih"] = layout["b_hh"] = (bias_init or default, (g,))
+    return layout
+
+
 def init_cell(
     key,
     in_features: int,
@@ -49,17 +75,17 @@ def init_cell(
 
     ``None`` initializers mean torch's ``U(-1/sqrt(H), 1/sqrt(H))``.
     """
-    default = torch_uniform(hidden_size)
-    k_ih, k_hh, k_bi, k_bh = jax.random.split(key, 4)
-    g = 3 * hidden_size
-    cell = {
-        "w_ih": (kernel_init or default)(k_ih, (in_features, g), param_dtype),
-        "w_hh": (recurrent_kernel_init or default)(k_hh, (hidden_size, g), param_dtype),
-    }
-    if bias:
-        cell["b_ih"] = (bias_init or default)(k_bi, (g,), param_dtype)
-        cell["b_hh"] = (bias_init or default)(k_bh, (g,), param_dtype)
-    return cell
+    layout = cell_initializers(
+        in_features,
+        hidden_size,
+        bias=bias,
+        kernel_init=kernel_init,
+        recurrent_kernel_init=recurrent_kernel_init,
+        bias_init=bias_init,
+    )
+    # Four keys, biases or not: a cell's kernels are the same with and without bias.
+    keys = dict(zip(("w_ih", "w_hh", "b_ih", "b_hh"), jax.random.split(key, 4), strict=True))
+    return {name: init(keys[name], shape, param_dtype) for name, (init, shape) in layout.items()}
 
 
 def init_gru(
@@ -90,21 +116,19 @@ def init_gru(
     ):
         check_size(name, value)
     num_dirs = 2 if bidirectional else 1
+    cell_options = {
+        "bias": bias,
+        "kernel_init": kernel_init,
+        "recurrent_kernel_init": recurrent_kernel_init,
+        "bias_init": bias_init,
+        "param_dtype": param_dtype,
+    }
     params = {}
     keys = jax.random.split(key, num_layers * num_dirs)
     for layer in range(num_layers):
         d_in = in_features if layer == 0 else num_dirs * hidden_size
         cells = [
-            init_cell(
-                keys[layer * num_dirs + k],
-                d_in,
-                hidden_size,
-                bias=bias,
-                kernel_init=kernel_init,
-                recurrent_kernel_init=recurrent_kernel_init,
-                bias_init=bias_init,
-                param_dtype=param_dtype,
-            )
+            init_cell(keys[layer * num_dirs + k], d_in, hidden_size, **cell_options)
             for k in range(num_dirs)
         ]
         params[f"layer_{layer}"] = {n: jnp.stack([c[n] for c in cells]) for n in cells[0]}

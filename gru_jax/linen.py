@@ -6,8 +6,6 @@ Parameters live under ``{"params": tree}`` where ``tree`` is exactly the core's 
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -16,57 +14,25 @@ from gru_jax import _cell, _options, initializers
 Initializer = initializers.Initializer
 
 
-class GRU(nn.Module):
+@_options.document
+class GRU(_options.GRUOptions, nn.Module):
     r"""Multi-layer, optionally bidirectional GRU with ``torch.nn.GRU`` semantics.
 
     The cell (gates ``r, z, n``; see :func:`gru_jax.gru_step` for the equations) is run over
     time with ``jax.lax.scan`` by :func:`gru_jax.gru`. The input size is inferred from ``x``.
 
     Attributes:
-      hidden_size: ``H``, features of the hidden state.
-      num_layers: ``L``, stacked layers.
-      bias: whether the layers have ``b_ih``/``b_hh``.
-      batch_first: ``x``/``output`` are ``(B, T, ·)`` if True (default, unlike torch) else
-        ``(T, B, ·)``.
-      dropout: drop probability on each layer's output but the last, when
-        ``deterministic=False``; drawn from the ``'dropout'`` rng stream. A module that can
-        drop (``dropout > 0``, two layers or more) must be told its mode: ``deterministic``
-        as an attribute or at the call (as ``flax.linen.Dropout``); an ``apply`` without
-        either raises ``ValueError`` rather than guess (``init`` needs neither).
-      bidirectional: run a reverse direction too (``K = 2``).
-      reset_after: ``True``: torch/cuDNN cell; ``False``: Cho et al. (2014).
-      dtype: matmul input dtype (e.g. ``jnp.bfloat16``); carry and gates stay float32.
-      param_dtype: dtype of the parameters.
-      kernel_init, recurrent_kernel_init, bias_init: initializers of one direction's
-        ``w_ih (D, 3H)``, ``w_hh (H, 3H)`` and biases ``(3H,)``; ``None``: torch's
-        ``U(-1/sqrt(H), 1/sqrt(H))``.
-      unroll: unroll factor of the time loops; ``None``: 1 on the CPU, 8 on a GPU or
-        TPU (:func:`gru_jax.gru`).
-      remat: recompute steps in the backward pass to save memory.
-      impl: the time loops: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
-        (:func:`gru_jax.gru`).
+      {options}
       deterministic: the default mode: ``True`` no dropout (inference), ``False`` dropout
-        (training); ``None``: given at the call.
+        (training), drawn from the ``'dropout'`` rng stream; ``None``: given at the call. A
+        module that can drop (``dropout > 0``, two layers or more) must be told its mode,
+        here or at the call (as ``flax.linen.Dropout``); an ``apply`` without either raises
+        ``ValueError`` rather than guess (``init`` needs neither).
 
     Call ``gru(x, h0=None, *, lengths=None, deterministic=None) -> (output, h_n)``; shapes as
     :func:`gru_jax.gru`.
     """
 
-    hidden_size: int
-    num_layers: int = 1
-    bias: bool = True
-    batch_first: bool = True
-    dropout: float = 0.0
-    bidirectional: bool = False
-    reset_after: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    kernel_init: Initializer | None = None
-    recurrent_kernel_init: Initializer | None = None
-    bias_init: Initializer | None = None
-    unroll: int | None = None
-    remat: bool = False
-    impl: str = "auto"
     deterministic: bool | None = None
 
     @nn.compact
@@ -88,13 +54,15 @@ class GRU(nn.Module):
         Returns:
           ``(output, h_n)``: ``(B, T, K*H)`` (or time-major/unbatched) and ``(L*K, B, H)``.
         """
-        options = _options.of(self)
+        _options.check(self)
         x = jnp.asarray(x)
-        if x.ndim not in (2, 3):
-            raise ValueError(
-                "x must have shape (B, T, D) (batch_first) / (T, B, D), or unbatched (T, D); "
-                f"got shape {x.shape}"
-            )
+        params = self._stack_params(_in_features(x))
+        _options.check_params(self, params)
+        key = self._dropout_key(deterministic)
+        return _options.run(self, params, x, h0, lengths=lengths, key=key)
+
+    def _stack_params(self, in_features: int) -> dict:
+        """The stack tree: each layer's params as stored, or drawn when initializing."""
         params = {}
         for layer in range(self.num_layers):
             name = f"layer_{layer}"
@@ -103,25 +71,32 @@ class GRU(nn.Module):
                 # check the shapes, which check_params does without tracing anything.
                 params[name] = nn.unbox(self.get_variable("params", name))
             else:
-                d_in = x.shape[-1] if layer == 0 else options.num_directions * self.hidden_size
-                params[name] = self.param(name, self._init_layer, d_in)
-        options.check_params(params)
-        key = None
-        if options.drops(self._mode(options, deterministic)):
-            if not self.has_rng("dropout"):
-                raise ValueError(
-                    f"GRU(dropout={self.dropout}) with deterministic=False needs a 'dropout' rng: "
-                    "model.apply(variables, x, deterministic=False, rngs={'dropout': key})"
+                size = (
+                    in_features if layer == 0 else _options.num_directions(self) * self.hidden_size
                 )
-            key = self.make_rng("dropout")
-        return options.run(params, x, h0, lengths=lengths, key=key)
+                params[name] = self.param(name, self._init_layer, size)
+        return params
 
-    def _mode(self, options, deterministic: bool | None) -> bool:
+    def _init_layer(self, key, in_features: int):
+        return _options.init_params(self, key, in_features, num_layers=1)["layer_0"]
+
+    def _dropout_key(self, deterministic: bool | None):
+        """The key of this call's dropout masks, or ``None`` when it applies no dropout."""
+        if not _options.drops(self, self._mode(deterministic)):
+            return None
+        if not self.has_rng("dropout"):
+            raise ValueError(
+                f"GRU(dropout={self.dropout}) with deterministic=False needs a 'dropout' rng: "
+                "model.apply(variables, x, deterministic=False, rngs={'dropout': key})"
+            )
+        return self.make_rng("dropout")
+
+    def _mode(self, deterministic: bool | None) -> bool:
         """The call's ``deterministic``, else the attribute's; refuses to guess when it
         matters (a module that can drop, outside ``init``)."""
         mode = self.deterministic if deterministic is None else deterministic
         if mode is None:
-            if options.drops(False) and not self.is_initializing():
+            if _options.drops(self, False) and not self.is_initializing():
                 raise ValueError(
                     f"GRU(dropout={self.dropout}) needs its mode: pass deterministic=True "
                     "(inference, no dropout) or deterministic=False with "
@@ -131,21 +106,8 @@ class GRU(nn.Module):
             mode = True
         return mode
 
-    def _init_layer(self, key, in_features: int):
-        return initializers.init_gru(
-            key,
-            in_features,
-            self.hidden_size,
-            bidirectional=self.bidirectional,
-            bias=self.bias,
-            kernel_init=self.kernel_init,
-            recurrent_kernel_init=self.recurrent_kernel_init,
-            bias_init=self.bias_init,
-            param_dtype=self.param_dtype,
-        )["layer_0"]
 
-
-class GRUCell(nn.RNNCellBase):
+class GRUCell(_options.CellOptions, nn.RNNCellBase):
     r"""One GRU step, the ``torch.nn.GRUCell`` twin, usable in ``flax.linen.RNN``.
 
     Follows Flax's cell convention ``(carry, x) -> (new_carry, output)`` (both are ``h'``),
@@ -162,14 +124,6 @@ class GRUCell(nn.RNNCellBase):
     Params: ``{"w_ih": (D, 3H), "w_hh": (H, 3H), "b_ih": (3H,), "b_hh": (3H,)}``.
     """
 
-    hidden_size: int
-    bias: bool = True
-    reset_after: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    kernel_init: Initializer | None = None
-    recurrent_kernel_init: Initializer | None = None
-    bias_init: Initializer | None = None
     carry_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
@@ -185,31 +139,18 @@ class GRUCell(nn.RNNCellBase):
         """
         initializers.check_size("hidden_size", self.hidden_size)
         inputs = jnp.asarray(inputs)
-        if inputs.ndim < 1:
-            raise ValueError(f"inputs must have shape (..., D); got {inputs.shape}")
-        in_features = inputs.shape[-1]
-        cell = self._params(in_features)
+        cell = self._params(_in_features(inputs))
         h_new = _cell.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
         return h_new, h_new
 
-    def _params(self, in_features: int):
-        default = initializers.torch_uniform(self.hidden_size)
-        g = 3 * self.hidden_size
-        cell = {
-            "w_ih": self.param(
-                "w_ih", self.kernel_init or default, (in_features, g), self.param_dtype
-            ),
-            "w_hh": self.param(
-                "w_hh",
-                self.recurrent_kernel_init or default,
-                (self.hidden_size, g),
-                self.param_dtype,
-            ),
+    def _params(self, in_features: int) -> dict:
+        """The cell's params, drawn as :func:`gru_jax.init_cell` draws them when initializing."""
+        inits = _options.init_kwargs(self)
+        dtype = inits.pop("param_dtype")
+        layout = initializers.cell_initializers(in_features, self.hidden_size, **inits)
+        return {
+            name: self.param(name, init, shape, dtype) for name, (init, shape) in layout.items()
         }
-        if self.bias:
-            for name in ("b_ih", "b_hh"):
-                cell[name] = self.param(name, self.bias_init or default, (g,), self.param_dtype)
-        return cell
 
     @nn.nowrap
     def initialize_carry(self, rng, input_shape: tuple[int, ...]):
@@ -220,3 +161,9 @@ class GRUCell(nn.RNNCellBase):
     @property
     def num_feature_axes(self) -> int:
         return 1
+
+
+def _in_features(x) -> int:
+    """The feature size of ``x``, its last axis, for the first layer's params. A scalar has
+    none: any size will do, :func:`gru_jax.gru` and :func:`gru_jax.gru_step` refuse it."""
+    return x.shape[-1] if x.ndim else 1

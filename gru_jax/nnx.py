@@ -21,6 +21,8 @@ layers is active until ``model.eval()`` or ``deterministic=True``.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -52,8 +54,36 @@ def as_rngs(rngs, name: str = "rngs") -> nnx.Rngs:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Given:
+    """What :meth:`GRU.from_params` and :meth:`GRUCell.from_params` pass as ``rngs``: the
+    weights to hold, so that nothing is drawn, and the caller's rngs (``None`` or what
+    :func:`as_rngs` takes), for dropout."""
+
+    params: Mapping
+    rngs: Any = None
+
+
+def _first_params(rngs, draw) -> tuple[Mapping, nnx.Rngs | None]:
+    """A new module's weights and rngs: those given by ``from_params``, else ``draw(key)``
+    with a key of the ``params`` (or ``default``) stream of ``rngs``."""
+    if isinstance(rngs, _Given):
+        return rngs.params, None if rngs.rngs is None else as_rngs(rngs.rngs)
+    rngs = as_rngs(rngs)
+    return draw(rngs.params()), rngs
+
+
 class _ParamsTree:
-    """Reading and checked loading of a module's params tree (shared by GRU and GRUCell)."""
+    """Holding, reading and checked loading of a module's params tree (GRU and GRUCell)."""
+
+    def _hold(self, params: Mapping, dtype) -> None:
+        """Stores ``params`` as ``nnx.Param`` leaves of ``dtype``, an ``nnx.Dict`` per layer."""
+        for name, value in params.items():
+            if isinstance(value, Mapping):
+                layer = {k: nnx.Param(jnp.asarray(v, dtype)) for k, v in value.items()}
+                setattr(self, name, nnx.Dict(layer))
+            else:
+                setattr(self, name, nnx.Param(jnp.asarray(value, dtype)))
 
     def params_tree(self) -> dict:
         """Returns the params tree as plain arrays: the linen/``from_torch`` layout.
@@ -81,7 +111,28 @@ class _ParamsTree:
         nnx.update(self, cast)
 
 
-class GRU(nnx.Module, _ParamsTree):
+_RNGS = "nnx.Rngs | int | jax.Array"
+# The keyword-only arguments after the options: rngs is only read, not kept as given.
+_GRUArguments = _options.nnx_arguments(
+    "GRU",
+    _options.GRUOptions,
+    [
+        ("deterministic", "bool", dataclasses.field(default=False, kw_only=True)),
+        ("rngs", dataclasses.InitVar[_RNGS], dataclasses.field(kw_only=True)),
+    ],
+)
+_CellArguments = _options.nnx_arguments(
+    "GRUCell",
+    _options.CellOptions,
+    [
+        ("carry_init", "Initializer | None", dataclasses.field(default=None)),
+        ("rngs", dataclasses.InitVar[_RNGS], dataclasses.field(kw_only=True)),
+    ],
+)
+
+
+@_options.document
+class GRU(_GRUArguments, nnx.Module, _ParamsTree):
     r"""Multi-layer, optionally bidirectional GRU with ``torch.nn.GRU`` semantics (Flax NNX).
 
     The NNX twin of :class:`gru_jax.GRU`: the same options, call and parameter tree, run by
@@ -89,25 +140,7 @@ class GRU(nnx.Module, _ParamsTree):
 
     Args:
       in_features: ``D``, input features of the first layer.
-      hidden_size: ``H``, features of the hidden state.
-      num_layers: ``L``, stacked layers.
-      bias: whether the layers have ``b_ih``/``b_hh``.
-      batch_first: ``x``/``output`` are ``(B, T, ·)`` if True (default, unlike torch) else
-        ``(T, B, ·)``.
-      dropout: drop probability on each layer's output but the last (as torch), applied
-        while the module is in training mode (``deterministic=False``).
-      bidirectional: run a reverse direction too (``K = 2``).
-      reset_after: ``True``: torch/cuDNN cell; ``False``: Cho et al. (2014).
-      dtype: matmul input dtype (e.g. ``jnp.bfloat16``); carry and gates stay float32.
-      param_dtype: dtype of the parameters.
-      kernel_init, recurrent_kernel_init, bias_init: initializers of one direction's
-        ``w_ih (D, 3H)``, ``w_hh (H, 3H)`` and biases ``(3H,)``; ``None``: torch's
-        ``U(-1/sqrt(H), 1/sqrt(H))``.
-      unroll: unroll factor of the time loops; ``None``: 1 on the CPU, 8 on a GPU or
-        TPU (:func:`gru_jax.gru`).
-      remat: recompute steps in the backward pass to save memory.
-      impl: the time loops: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
-        (:func:`gru_jax.gru`).
+      {options}
       deterministic: initial mode; ``False`` (training, as ``nnx.Dropout``) applies dropout.
         Set by ``model.train()`` / ``model.eval()`` or ``nnx.view(model, deterministic=...)``,
         overridden per call.
@@ -123,75 +156,24 @@ class GRU(nnx.Module, _ParamsTree):
     -> (output, h_n)``; shapes as :func:`gru_jax.gru`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = True,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        reset_after: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Initializer | None = None,
-        recurrent_kernel_init: Initializer | None = None,
-        bias_init: Initializer | None = None,
-        unroll: int | None = None,
-        remat: bool = False,
-        impl: str = "auto",
-        *,
-        deterministic: bool = False,
-        rngs: nnx.Rngs | int | jax.Array,
-    ):
-        initializers.check_size("in_features", in_features)
-        rngs = as_rngs(rngs)
-        self.in_features = in_features
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.bias = bias
-        self.batch_first = batch_first
-        self.dropout = dropout
-        self.bidirectional = bidirectional
-        self.reset_after = reset_after
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.unroll = unroll
-        self.remat = remat
-        self.impl = impl
-        self.deterministic = deterministic
-        _options.of(self)  # checks the options
-        tree = initializers.init_gru(
-            rngs.params(),
-            in_features,
-            hidden_size,
-            num_layers=num_layers,
-            bidirectional=bidirectional,
-            bias=bias,
-            kernel_init=kernel_init,
-            recurrent_kernel_init=recurrent_kernel_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
+    def __post_init__(self, rngs):
+        """After the generated ``__init__`` has set the arguments as attributes: checks them,
+        holds the first weights (drawn, or given by :meth:`from_params`) and, for a module
+        that can drop, a fork of the dropout stream."""
+        initializers.check_size("in_features", self.in_features)
+        _options.check(self)
+        tree, rngs = _first_params(
+            rngs, lambda key: _options.init_params(self, key, self.in_features)
         )
-        for name, layer in tree.items():
-            setattr(self, name, nnx.Dict({k: nnx.Param(v) for k, v in layer.items()}))
-        self.rngs = nnx.data(None)
-        self._attach_rngs(rngs)
+        self._hold(tree, self.param_dtype)
+        # Only a module that can drop keeps a dropout stream (a params-only Rngs is enough).
+        stream = _dropout_stream(rngs) if _options.drops(self, deterministic=False) else None
+        self.rngs = nnx.data(None if stream is None else stream.fork())
 
     def set_view(self, deterministic: bool | None = None):
         """Hook of ``nnx.view(model, deterministic=...)``, as ``nnx.Dropout``'s."""
         if deterministic is not None:
             self.deterministic = deterministic
-
-    def _attach_rngs(self, rngs: nnx.Rngs | None) -> None:
-        # Only a module that can drop needs a stream (a params-only Rngs is then enough).
-        if rngs is None or not (self.dropout > 0.0 and self.num_layers > 1):
-            return
-        try:
-            self.rngs = rngs["dropout"].fork()
-        except KeyError:
-            pass  # No stream: pass `rngs` to __call__ when training.
 
     @classmethod
     def from_params(
@@ -216,24 +198,14 @@ class GRU(nnx.Module, _ParamsTree):
         Raises:
           ValueError: if ``params`` is not a well-formed stack tree.
         """
-        params = _params.unwrap(params)
-        num_layers, num_dirs, in_features, hidden = _params.stack_dims(params)
-        # Built abstractly (shapes only, nothing drawn or compiled), then filled with params.
-        model = nnx.eval_shape(
-            lambda: cls(
-                in_features,
-                hidden,
-                num_layers=num_layers,
-                bidirectional=num_dirs == 2,
-                bias="b_ih" in params["layer_0"],
-                param_dtype=params["layer_0"]["w_ih"].dtype,
-                rngs=nnx.Rngs(params=0),
-                **options,
-            )
+        tree = _params.unwrap(params)
+        num_layers, num_dirs, in_features, hidden = _params.stack_dims(tree)
+        first = tree["layer_0"]
+        read = {"num_layers": num_layers, "bidirectional": num_dirs == 2, "bias": "b_ih" in first}
+        dtype = first["w_ih"].dtype
+        return cls(
+            in_features, hidden, **read, param_dtype=dtype, rngs=_Given(tree, rngs), **options
         )
-        model.load_params(params)
-        model._attach_rngs(None if rngs is None else as_rngs(rngs))
-        return model
 
     def __call__(self, x, h0=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
         """Runs the GRU.
@@ -254,38 +226,41 @@ class GRU(nnx.Module, _ParamsTree):
           ValueError: as :func:`gru_jax.gru`; also if dropout must be applied and there is no
             rng stream.
         """
-        options = _options.of(self)
         deterministic = self.deterministic if deterministic is None else deterministic
-        key = self._dropout_key(rngs) if options.drops(deterministic) else None
+        key = self._dropout_key(rngs) if _options.drops(self, deterministic) else None
         params = {
             f"layer_{i}": {k: p[...] for k, p in getattr(self, f"layer_{i}").items()}
             for i in range(self.num_layers)
         }
-        return options.run(params, x, h0, lengths=lengths, key=key)
+        return _options.run(self, params, x, h0, lengths=lengths, key=key)
 
     def _dropout_key(self, rngs):
-        source = self.rngs if rngs is None else rngs
-        if isinstance(source, nnx.Rngs):
-            return source["dropout"]()
-        if isinstance(source, nnx.RngStream):
-            return source()
-        if isinstance(source, jax.Array):
-            return source
-        if isinstance(source, int) and not isinstance(source, bool):
-            return jax.random.key(source)
-        if source is None:
+        """The key of this call's masks: ``rngs`` if it is a key, else a draw of its dropout
+        stream (of the module's, when ``rngs`` is ``None``)."""
+        if isinstance(rngs, jax.Array):
+            return rngs  # used as it is, as gru()'s key
+        stream = self.rngs if rngs is None else _dropout_stream(rngs)
+        if stream is None:
             raise ValueError(
                 "dropout is active (deterministic=False) but the module has no 'dropout' or "
                 "'default' rng stream: build it with rngs=nnx.Rngs(params=..., dropout=...), "
                 "pass rngs= to the call, or use model.eval() / deterministic=True"
             )
-        raise TypeError(
-            "rngs must be an nnx.Rngs, nnx.RngStream, PRNG key or int seed; got "
-            f"{type(source).__name__}"
-        )
+        return stream()
 
 
-class GRUCell(nnx.Module, _ParamsTree):
+def _dropout_stream(rngs) -> nnx.RngStream | None:
+    """The ``dropout`` stream of ``rngs`` (its ``default`` one without it), or ``None`` when
+    there is neither. ``rngs``: an ``nnx.Rngs``, one of its streams, an int seed or ``None``."""
+    if rngs is None or isinstance(rngs, nnx.RngStream):
+        return rngs
+    rngs = as_rngs(rngs)
+    if "dropout" not in rngs and "default" not in rngs:
+        return None
+    return rngs["dropout"]
+
+
+class GRUCell(_CellArguments, nnx.Module, _ParamsTree):
     r"""One GRU step, the ``torch.nn.GRUCell`` twin (Flax NNX), usable in ``nnx.RNN``.
 
     Implements ``nnx.RNNCellBase``'s interface: ``cell(carry, x) -> (h', h')``,
@@ -308,43 +283,18 @@ class GRUCell(nnx.Module, _ParamsTree):
         ``(3H,)`` (biases absent without ``bias``): the linen ``GRUCell`` tree.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_size: int,
-        bias: bool = True,
-        reset_after: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Initializer | None = None,
-        recurrent_kernel_init: Initializer | None = None,
-        bias_init: Initializer | None = None,
-        carry_init: Initializer | None = None,
-        *,
-        rngs: nnx.Rngs | int | jax.Array,
-    ):
-        initializers.check_size("in_features", in_features)
-        initializers.check_size("hidden_size", hidden_size)
-        rngs = as_rngs(rngs)
-        self.in_features = in_features
-        self.hidden_size = hidden_size
-        self.bias = bias
-        self.reset_after = reset_after
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.carry_init = carry_init
-        cell = initializers.init_cell(
-            rngs.params(),
-            in_features,
-            hidden_size,
-            bias=bias,
-            kernel_init=kernel_init,
-            recurrent_kernel_init=recurrent_kernel_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-        )
-        for name, value in cell.items():
-            setattr(self, name, nnx.Param(value))
+    def __post_init__(self, rngs):
+        """Checks the sizes and holds the first weights (drawn, or given by
+        :meth:`from_params`)."""
+        initializers.check_size("in_features", self.in_features)
+        initializers.check_size("hidden_size", self.hidden_size)
+        options = _options.init_kwargs(self)
+
+        def draw(key):
+            return initializers.init_cell(key, self.in_features, self.hidden_size, **options)
+
+        tree, _ = _first_params(rngs, draw)
+        self._hold(tree, self.param_dtype)
 
     @classmethod
     def from_params(cls, params, **options) -> GRUCell:
@@ -358,31 +308,21 @@ class GRUCell(nnx.Module, _ParamsTree):
         Raises:
           ValueError: if ``params`` is not a well-formed cell tree.
         """
-        params = _params.unwrap(params)
-        in_features, hidden = _params.cell_dims(params, "params")
-        cell = nnx.eval_shape(
-            lambda: cls(
-                in_features,
-                hidden,
-                bias="b_ih" in params,
-                param_dtype=params["w_ih"].dtype,
-                rngs=nnx.Rngs(params=0),
-                **options,
-            )
+        tree = _params.unwrap(params)
+        in_features, hidden = _params.cell_dims(tree, "params")
+        dtype = tree["w_ih"].dtype
+        return cls(
+            in_features,
+            hidden,
+            bias="b_ih" in tree,
+            param_dtype=dtype,
+            rngs=_Given(tree),
+            **options,
         )
-        cell.load_params(params)
-        return cell
 
     def __call__(self, carry, inputs):
-        """One step.
-
-        Args:
-          carry: ``h``, ``(*batch, H)``.
-          inputs: ``x``, ``(*batch, D)``.
-
-        Returns:
-          ``(h', h')``, each ``(*batch, H)`` in the dtype of ``carry``.
-        """
+        """One step, as :meth:`gru_jax.GRUCell.__call__`: ``carry`` ``h (*batch, H)`` and
+        ``inputs`` ``x (*batch, D)`` give ``(h', h')``, in the dtype of ``carry``."""
         cell = {name: getattr(self, name)[...] for name in self._names()}
         h_new = _cell.gru_step(cell, carry, inputs, reset_after=self.reset_after, dtype=self.dtype)
         return h_new, h_new

@@ -58,7 +58,17 @@ def test_x_wrong_rank_linen():
         ValueError,
         lambda: gru_jax.GRU(H).init(jax.random.key(0), x),
         "x must have shape (B, T, D)",
-        f"got shape {x.shape}",
+        f"shape {x.shape}",
+    )
+
+
+def test_linen_params_mismatch_says_which_value_is_the_params():
+    one_direction = {"layer_0": {k: v[:1] for k, v in PARAMS["layer_0"].items()}}
+    expect_error(
+        ValueError,
+        lambda: gru_jax.GRU(H, bidirectional=True).apply({"params": one_direction}, X),
+        "params do not match the module's options",
+        "bidirectional=False in the params, True in the module",
     )
 
 
