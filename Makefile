@@ -8,10 +8,12 @@ PYTEST_ARGS ?=
 
 # $(call venv,DIR,EXTRAS,EXTRA_PIP_ARGS), the recipe of a venv's stamp file: DIR/bin/python
 # with this package, editable, and the given extras (a variable: its commas stay one word).
+# The install is quiet twice over (errors only): once, pip still shows setuptools' notice
+# about editable installs, which is about setuptools, not this package.
 define venv
 	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --quiet -e '.[$(2)]' $(3)
+	$(1)/bin/python -m pip install --quiet --quiet -e '.[$(2)]' $(3)
 	@touch $@
 endef
 PYTEST := -m pytest -q -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
