@@ -18,6 +18,10 @@ import pytest
 from gru_jax import bench
 from gru_jax.bench import _harness, _peers
 
+# The pallas peer runs interpreted on the CPU, to check its numbers: its one-time warning
+# that this is slow is expected here (tests/test_pallas.py tests the warning itself).
+pytestmark = pytest.mark.filterwarnings("ignore:impl=.pallas. runs its kernel")
+
 TINY = _peers.Config("tiny", 3, 6, 5, 4)
 TINY_BI = _peers.Config("tiny-bi", 4, 7, 3, 4, layers=2, bidirectional=True, variable_lengths=True)
 
