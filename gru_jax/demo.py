@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -442,6 +443,17 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _command(argv: Sequence[str] | None, *extra: str) -> str:
+    """This run's command with ``extra`` added, to copy as it is from the working folder:
+    ``make demo`` cannot pass options on, so the command names this Python (``.venv/...``)."""
+    python = sys.executable
+    if Path(python).is_relative_to(Path.cwd()):
+        # A path, never a bare name, which the shell would look up in PATH instead.
+        python = os.path.join(".", Path(python).relative_to(Path.cwd()))
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join([python, "-m", "gru_jax.demo", *args, *extra])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the demo; returns the process exit code (1 on a :class:`DemoError`)."""
     args = build_parser().parse_args(argv)
@@ -487,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accuracy = json.loads(path.read_text()).get("test_accuracy")
         print(
             f"{args.out} holds a finished run (test accuracy {accuracy:.2%}, {path}); it is "
-            "left as it is: pass --force to train again there, or --out to train elsewhere"
+            f"left as it is. To train again there: {_command(argv, '--force')} (or give "
+            "--out another folder)"
         )
         return 0
     acc = history["test_acc"][-1]

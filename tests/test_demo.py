@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -260,10 +261,16 @@ def test_finished_run_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.json").write_text('{"test_accuracy": 0.5}')
-    code = demo.main(["--epochs", "1", "--hidden", "8", "--out", str(out), "--quiet"])
+    argv = ["--epochs", "1", "--hidden", "8", "--out", str(out), "--quiet"]
+    code = demo.main(argv)
     printed = capsys.readouterr().out
     assert code == 0
-    assert "holds a finished run (test accuracy 50.00%" in printed and "--force" in printed
+    assert "holds a finished run (test accuracy 50.00%" in printed
+    # `make demo` cannot pass --force on: the message gives a whole command that can.
+    command = printed.split("To train again there: ")[1].split(" (or give --out")[0]
+    python, *args = shlex.split(command)
+    assert os.path.samefile(python, sys.executable)
+    assert args == ["-m", "gru_jax.demo", *argv, "--force"]
     assert (out / "checkpoint.json").read_text() == '{"test_accuracy": 0.5}'
     assert not (out / "train_state").exists()
 
