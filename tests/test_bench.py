@@ -272,3 +272,17 @@ def test_help_lists_the_configs_and_how_long_a_run_takes(capsys):
         assert f"{cfg.name}" in out and cfg.describe() in out
     assert "--quick run" in out and "minutes" in out
     assert "--compile-only" in out and "no compile" in out
+
+
+def test_cli_says_where_it_wrote_the_report(tmp_path, monkeypatch, capsys):
+    from gru_jax.bench import _cli
+
+    with pytest.raises(SystemExit):
+        _cli.main(["--help"])
+    assert "(default: bench_out)" in capsys.readouterr().out  # --out's default
+
+    monkeypatch.setattr(_cli, "run", lambda plan, out, command: "# gru_jax benchmark\n")
+    out = tmp_path / "report"
+    _cli.main(["--quick", "--peers", "flax", "--out", str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote {out / 'results.md'} and {out / 'results.json'}"

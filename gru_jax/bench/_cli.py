@@ -329,7 +329,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smaller sweeps and the long config at T=512"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_out"),
+        help="folder for results.md, results.json and time_vs_T.png (default: %(default)s)",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (>= 7)")
     parser.add_argument(
         "--peers",
@@ -392,3 +397,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     md = run(p, args.out, command.strip())
     print()
     print(md)
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
