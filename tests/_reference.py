@@ -1,4 +1,4 @@
-"""A float64 NumPy GRU written from the equations of DESIGN.md, for tests to compare against.
+"""A float64 NumPy GRU written from the cell's equations below, for tests to compare against.
 
 Deliberately naive and independent of ``gru_jax``: one sequence at a time, one time step at a
 time, one gate at a time, each written exactly as the equations read. Variable lengths follow
