@@ -152,7 +152,7 @@ def tangent_loop(opts: Options, w_hh, dh_init, sources, coefs):
         new = tuple(new)
         return new, new
 
-    return jax.lax.scan(body, tuple(dh_init), (sources, coefs), unroll=opts.unroll)
+    return _loops.scan(body, tuple(dh_init), (sources, coefs), opts.unroll)
 
 
 def _stretch(opts: Options, rec: Recurrence, primals, tangents, dh, h_start, src_of, mask):

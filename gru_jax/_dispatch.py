@@ -19,12 +19,14 @@ The rule (:func:`strategy`), for the platform the layer is compiled for:
    for ``reset_after=False``, whose matmul after the reset gate leaves no room for the
    tricks of ``"xla"``.
 
-Platform choices: ``unroll=None`` is :func:`gru_jax.default_unroll` of the platform the
-layer is compiled for (1 on the CPU, with inference's phases; 8 elsewhere), chosen with
-``jax.lax.platform_dependent``, so that a CPU host exporting for ``cuda`` gets the
-accelerator's loop. With symbolic shapes the XLA loops run at ``unroll=1`` and without
-phases, whose trip counts and row prefixes need concrete sizes; the program is then the
-same on every platform.
+Platform choices: the strategy is chosen per platform with ``jax.lax.platform_dependent``
+where the rule gives platforms different ones (with :data:`PALLAS_FASTER_ON` empty, it does
+not). ``unroll=None`` is :func:`gru_jax.default_unroll` of the platform each loop is
+compiled for (1 on the CPU, with inference's phases; 8 elsewhere), chosen loop by loop
+(:func:`gru_jax._loops.scan`), so that a CPU host exporting for ``cuda`` gets the
+accelerator's loops at the cost of a second trace of one step. With symbolic shapes the
+XLA loops run at ``unroll=1`` and without phases, whose trip counts and row prefixes need
+concrete sizes; the program is then the same on every platform.
 
 This module imports jax and :mod:`gru_jax._loops`, :mod:`gru_jax._xla`,
 :mod:`gru_jax._scan`, :mod:`gru_jax._pallas`.
@@ -136,10 +138,9 @@ def run_layer(
     branches, per_platform = {}, {}
     for platform in PLATFORMS:
         name = strategy(impl, reset_after, platform)
-        u = unroll
-        if name != "pallas" and (u is None or not static):
-            # Symbolic shapes: a loop unrolled by k needs T // k at trace time.
-            u = _loops.default_unroll(platform) if static else 1
+        # Symbolic shapes: a loop unrolled by k needs T // k at trace time. Otherwise each
+        # loop resolves unroll=None for the platform it is compiled for (_loops.scan).
+        u = unroll if static or name == "pallas" else 1
         opts = options(unroll=u, compute_dtype=compute_dtype, phases=static)
         # One callable per distinct branch: platform_dependent traces each once.
         per_platform[platform] = branches.setdefault(

@@ -77,6 +77,36 @@ def platform() -> str:
     return device if isinstance(device, str) else device.platform
 
 
+def scan(body, init, xs, unroll: int | None):
+    """``jax.lax.scan(body, init, xs, unroll=unroll)``; ``unroll=None`` unrolls by the
+    :func:`default_unroll` of the platform the loop is compiled for.
+
+    Only the loop is chosen per platform (``jax.lax.platform_dependent`` of two scans of the
+    one body), so that the choice costs a second trace of one step, not of the layer.
+    """
+    if unroll is not None:
+        return jax.lax.scan(body, init, xs, unroll=unroll)
+
+    def scan_by(u):
+        return lambda init, xs: jax.lax.scan(body, init, xs, unroll=u)
+
+    return jax.lax.platform_dependent(
+        init, xs, cpu=scan_by(default_unroll("cpu")), default=scan_by(ACCELERATOR_UNROLL)
+    )
+
+
+def per_platform(fn, opts: Options, *args):
+    """``fn(opts, *args)``, with ``opts.unroll=None`` resolved for the platform the call is
+    compiled for: one branch per distinct unroll (the CPU's and the accelerators')."""
+    if opts.unroll is not None:
+        return fn(opts, *args)
+    return jax.lax.platform_dependent(
+        *args,
+        cpu=lambda *a: fn(opts._replace(unroll=default_unroll("cpu")), *a),
+        default=lambda *a: fn(opts._replace(unroll=ACCELERATOR_UNROLL), *a),
+    )
+
+
 def check_unroll(unroll) -> int | None:
     """``unroll`` as an ``int >= 1``, or ``None`` (each platform's :func:`default_unroll`,
     chosen where the computation is lowered), else ``ValueError``."""
@@ -97,10 +127,11 @@ class Options(NamedTuple):
 
     ``time_axis``: the time axis of the layer's input and output (0: ``(T, B, ·)``, 1:
     ``(B, T, ·)``, a batch-first input read where it lies). ``unroll``: the time loops'
-    unroll factor, ``None`` only for the Pallas kernel, which then takes its platform's
-    default where it is lowered. ``phases``: whether inference with lengths may run the
-    rows sorted, in phases (see :func:`inplace_forward`). ``interpret_kernel``: which
-    Pallas kernel the CPU interprets, ``"gpu"`` or ``"tpu"`` (tests of the TPU kernel).
+    unroll factor; ``None``: that of the platform each loop is compiled for
+    (:func:`scan`, :func:`per_platform`; the Pallas kernel: where it is lowered).
+    ``phases``: whether inference with lengths may run the rows sorted, in phases (see
+    :func:`inplace_forward`). ``interpret_kernel``: which Pallas kernel the CPU interprets,
+    ``"gpu"`` or ``"tpu"`` (tests of the TPU kernel).
     """
 
     unroll: int | None
@@ -330,8 +361,17 @@ def run_steps(opts: Options, carry, xg, rec: Recurrence, lengths, *, start, stop
         return hs, states
 
     static_bounds = isinstance(start, int) and isinstance(stop, int)
-    unroll = opts.unroll if static_bounds else 1
-    return jax.lax.fori_loop(start, stop, body, carry, unroll=unroll)
+    if not static_bounds:
+        return jax.lax.fori_loop(start, stop, body, carry)
+    if opts.unroll is not None:
+        return jax.lax.fori_loop(start, stop, body, carry, unroll=opts.unroll)
+
+    def loop_by(u):
+        return lambda carry: jax.lax.fori_loop(start, stop, body, carry, unroll=u)
+
+    return jax.lax.platform_dependent(
+        carry, cpu=loop_by(default_unroll("cpu")), default=loop_by(ACCELERATOR_UNROLL)
+    )
 
 
 def phase_bounds(batch: int, phases: int) -> list[int]:
@@ -367,6 +407,8 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
       ``(states, h_last)``: per direction the states in scan order, in the input's layout,
       and the last states ``(B, H)``.
     """
+    if opts.unroll is None:  # the CPU's loop runs phased, the accelerators' unrolled
+        return per_platform(inplace_forward, opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
     ax = opts.time_axis
     acc_dtype, cd = h0.dtype, opts.compute_dtype
     num_dirs = w_hh.shape[0]
@@ -432,4 +474,4 @@ def scan_with_partials(xg, rec: Recurrence, h0, mask, opts: Options):
         new, partials = step(hs, *inputs, rec, opts.compute_dtype, partials=True)
         return new, (new, partials)
 
-    return jax.lax.scan(body, tuple(h0), (xg, mask), unroll=opts.unroll)
+    return scan(body, tuple(h0), (xg, mask), opts.unroll)

@@ -25,7 +25,7 @@ def layer(lp, xs, h0, lengths, opts: _loops.Options):
       xs: ``(T, B, D)`` (``(B, T, D)`` for ``opts.time_axis=1``), zero at padded steps.
       h0: ``(K, B, H)`` in the accumulation dtype.
       lengths: ``int32[B]`` in ``[0, T]`` or ``None``.
-      opts: the static options (``unroll`` an int).
+      opts: the static options.
 
     Returns:
       ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``), zero at padded steps, and
@@ -53,6 +53,6 @@ def layer(lp, xs, h0, lengths, opts: _loops.Options):
 
     if opts.remat:
         body = jax.checkpoint(body)
-    h_last, ys = jax.lax.scan(body, h0, (xp, mask), unroll=opts.unroll)  # ys: (T, K, B, H)
+    h_last, ys = _loops.scan(body, h0, (xp, mask), opts.unroll)  # ys: (T, K, B, H)
     states = tuple(ys[:, k] for k in range(num_dirs))
     return _loops.time_major(_loops.layer_output(states, lengths, 0), opts.time_axis), h_last

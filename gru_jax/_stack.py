@@ -2,7 +2,8 @@ r"""The stack: :func:`gru`, layers over layers, directions, dropout, ``h0`` and 
 
 :func:`gru` checks its arguments (at trace time, with messages that name the argument) and
 calls one jitted function per static configuration (:func:`_stack`): an eager call compiles
-once per configuration and shape, and inside a user's ``jit`` the inner one is inlined.
+once per configuration and shape. Inside a transformation (a user's ``jit``, ``grad``,
+``vmap``) the layers are traced where they stand instead (:func:`_layers`).
 
 This module imports jax and :mod:`gru_jax._params`, :mod:`gru_jax._cell`,
 :mod:`gru_jax._loops`, :mod:`gru_jax._dispatch`, :mod:`gru_jax._masking`.
@@ -165,6 +166,11 @@ def gru(
         axis, unbatched, float(dropout), bool(reset_after), unroll, bool(remat),
         compute_dtype, acc_dtype, impl, _dispatch.current_interpret_kernel(),
     )  # fmt: skip
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, x, h0, lengths, key))):
+        # Inside a transformation the stack is traced where it stands: the jit of an eager
+        # call would stage it first, and under differentiation that traces the layers'
+        # inference loops for nothing (the derivative runs its own).
+        return _layers(config, params, x, h0, lengths, key)
     return _stack(config, params, x, h0, lengths, key)
 
 
@@ -200,8 +206,7 @@ def check_dropout(dropout) -> None:
         raise ValueError(f"dropout must be in [0, 1); got {dropout}")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _stack(config: _Config, params, x, h0, lengths, key):
+def _layers(config: _Config, params, x, h0, lengths, key):
     """:func:`gru` on checked arguments: the layers, each a call of the loop dispatcher."""
     num_layers, num_dirs = len(params), params["layer_0"]["w_hh"].shape[0]
     hidden, axis = params["layer_0"]["w_hh"].shape[1], config.time_axis
@@ -234,7 +239,11 @@ def _stack(config: _Config, params, x, h0, lengths, key):
             None if keys is None else keys[first - 1 : last - 1],
         )
         body = functools.partial(_next_layer, run, config)
-        y, h_group = jax.lax.scan(body, y, inputs)
+        if len(group) == 1:  # a scan of one step only costs compile time
+            y, h_group = body(y, jax.tree.map(lambda a: a[0], inputs))
+            h_group = h_group[None]
+        else:
+            y, h_group = jax.lax.scan(body, y, inputs)
         finals.append(h_group.reshape(len(group) * num_dirs, *h_group.shape[2:]))
         first = last
     out = y.astype(x.dtype)
@@ -242,6 +251,10 @@ def _stack(config: _Config, params, x, h0, lengths, key):
     if config.unbatched:
         return out[:, 0], h_n[:, 0]
     return out, h_n
+
+
+# Eager calls compile once per configuration and shape.
+_stack = jax.jit(_layers, static_argnums=0)
 
 
 def _next_layer(run, config: _Config, y, inputs):

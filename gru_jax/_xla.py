@@ -26,7 +26,7 @@ def layer(lp, xs, h0, lengths, opts: _loops.Options):
       xs: ``(T, B, D)`` (``(B, T, D)`` for ``opts.time_axis=1``), zero at padded steps.
       h0: ``(K, B, H)`` in the accumulation dtype.
       lengths: ``int32[B]`` in ``[0, T]`` or ``None``.
-      opts: the static options (``unroll`` an int; ``reset_after`` True).
+      opts: the static options (``reset_after`` True).
 
     Returns:
       ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``), zero at padded steps, and

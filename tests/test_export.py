@@ -152,8 +152,8 @@ def test_each_platform_compiles_its_own_loop(impl):
     """``unroll=None`` is chosen for the platform exported for, not for this CPU host: a
     ``cuda`` (``tpu``) export holds the loop of ``unroll=8``, a ``cpu`` one that of
     ``unroll=1``; a ``["cpu", "cuda", "tpu"]`` export holds both branches (the
-    accelerators share one) and, called here, equals the direct call, forward and
-    gradient."""
+    accelerators share one) and, called here, equals the direct call (the gradient to
+    1e-6)."""
     params = gru_jax.init_gru(jax.random.key(0), D, H, num_layers=2, bidirectional=True)
     x = np.random.default_rng(4).standard_normal((3, 9, D)).astype(np.float32)
     lengths = np.array([9, 4, 0], np.int32)
@@ -172,8 +172,11 @@ def test_each_platform_compiles_its_own_loop(impl):
     cpu, gpu = (_dots(forward, [p], params, x) for p in ("cpu", "cuda"))
     assert cpu != gpu
     assert _dots(forward, ["cpu", "cuda", "tpu"], params, x) >= cpu + gpu  # both loops
-    for fn in (forward, gradient):
+    # The forward is the same program; the gradient's branches are fused around the
+    # platform switch, which moves its last bit.
+    for fn, tol in ((forward, 0.0), (gradient, 1e-6)):
         exported = export.export(jax.jit(fn), platforms=["cpu", "cuda", "tpu"])(params, x)
         restored = export.deserialize(exported.serialize())
-        for a, b in zip(jax.tree.leaves(restored.call(params, x)), jax.tree.leaves(fn(params, x))):
-            np.testing.assert_array_equal(a, b)
+        got, want = restored.call(params, x), fn(params, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)

@@ -267,7 +267,7 @@ def test_kernels_lower_for_gpu_and_tpu_from_a_cpu_host(platform, call):
 
 def test_multi_platform_export_of_the_kernel_runs_on_the_cpu():
     """One artefact for the CPU, CUDA and TPU: each platform's branch lowers its own kernel
-    (the CPU's interpreted), and called here it equals the direct call."""
+    (the CPU's interpreted), and called here it equals the direct call (to 1e-6)."""
     params = _params(2, 1, True, True)
     x = np.random.default_rng(3).standard_normal((B, T, D)).astype(np.float32)
     exported = jax.export.export(
@@ -275,7 +275,8 @@ def test_multi_platform_export_of_the_kernel_runs_on_the_cpu():
     )(params, x)
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 2 and text.count("tpu_custom_call") == 2
-    _assert_trees_close(exported.call(params, x), _gradient_step(params, x), rtol=0, atol=0)
+    # To the last bits: the multi-platform program is fused around its platform switch.
+    _assert_trees_close(exported.call(params, x), _gradient_step(params, x), rtol=1e-6, atol=1e-6)
 
 
 def test_symbolic_shapes_refuse_the_kernel_and_auto_takes_xla():
