@@ -7,9 +7,10 @@ options are its dataclass fields); the NNX module's constructor is generated fro
 is the part of them that one cell has, for the linen and NNX ``GRUCell``. The module
 docstrings, and so the API page, get the options' one description through :func:`document`.
 
-The functions below read the options off any module that has them: :func:`check` refuses
-bad ones, :func:`init_params` draws a params tree, :func:`check_params` compares a tree with
-them, :func:`run` calls :func:`gru_jax.gru`. The modules only own parameters and rng streams.
+The functions below read the options off any module that has them: :func:`check_sizes` and
+:func:`check` refuse bad ones, :func:`init_params` draws a params tree, :func:`check_params`
+compares a tree with them, :func:`run` calls :func:`gru_jax.gru`. The modules only own
+parameters and rng streams.
 
 This module imports jax.numpy and :mod:`gru_jax._dispatch`, :mod:`gru_jax._loops`,
 :mod:`gru_jax._params`, :mod:`gru_jax._stack`, :mod:`gru_jax.initializers`.
@@ -147,12 +148,19 @@ def _built_by_the_module(self, *init_vars):
     raise NotImplementedError(f"{type(self).__name__} must define __post_init__")
 
 
-def check(options) -> None:
-    """Raises ``ValueError`` naming the first option out of range: ``hidden_size`` or
-    ``num_layers`` below 1, ``dropout`` outside ``[0, 1)``, ``unroll`` not a positive integer
-    or ``None``, an unknown ``impl``."""
+def check_sizes(options) -> None:
+    """Raises ``ValueError`` unless ``hidden_size`` and ``num_layers`` are integers ``>= 1``:
+    what a module needs before it can build its params (:func:`gru_jax.gru` checks the rest)."""
     initializers.check_size("hidden_size", options.hidden_size)
     initializers.check_size("num_layers", options.num_layers)
+
+
+def check(options) -> None:
+    """Raises ``ValueError`` naming the first option out of range, as :func:`gru_jax.gru`
+    would at the first call: for a module built eagerly (NNX), which refuses them at once.
+    Sizes below 1, ``dropout`` outside ``[0, 1)``, ``unroll`` not a positive integer or
+    ``None``, an unknown ``impl``."""
+    check_sizes(options)
     _stack.check_dropout(options.dropout)
     if options.unroll is not None:
         _loops.check_unroll(options.unroll)

@@ -54,7 +54,7 @@ class GRU(_options.GRUOptions, nn.Module):
         Returns:
           ``(output, h_n)``: ``(B, T, K*H)`` (or time-major/unbatched) and ``(L*K, B, H)``.
         """
-        _options.check(self)
+        _options.check_sizes(self)  # gru() checks the other options, and x
         x = jnp.asarray(x)
         params = self._stack_params(_in_features(x))
         _options.check_params(self, params)
@@ -144,7 +144,8 @@ class GRUCell(_options.CellOptions, nn.RNNCellBase):
         return h_new, h_new
 
     def _params(self, in_features: int) -> dict:
-        """The cell's params, drawn as :func:`gru_jax.init_cell` draws them when initializing."""
+        """The cell's params, declared with the initializers and shapes of
+        :func:`gru_jax.init_cell` (each drawn from this module's rng for its name)."""
         inits = _options.init_kwargs(self)
         dtype = inits.pop("param_dtype")
         layout = initializers.cell_initializers(in_features, self.hidden_size, **inits)
