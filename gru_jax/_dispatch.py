@@ -55,7 +55,11 @@ class Impl(enum.StrEnum):
 IMPLS = tuple(i.value for i in Impl)
 
 # The strategies by name: every one has the signature layer(lp, xs, h0, lengths, opts).
-STRATEGIES = {"xla": _xla.layer, "scan": _scan.layer, "pallas": _pallas.layer}
+STRATEGIES: dict[str, _loops.Strategy] = {
+    "xla": _xla.layer,
+    "scan": _scan.layer,
+    "pallas": _pallas.layer,
+}
 
 # The platforms where recorded measurements show the Pallas kernel faster than the XLA
 # loops, so that impl="auto" picks it there (see the performance docs): none yet.

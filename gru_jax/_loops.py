@@ -1,7 +1,7 @@
 """The pieces of the XLA time loops that the strategies share, and the strategies' contract.
 
-The contract (:class:`Options`, :func:`layer_output`): every strategy is a function
-``layer(lp, xs, h0, lengths, opts) -> (ys, h_n)`` of one layer's params, its input in
+The contract (:class:`Strategy`, :class:`Options`, :func:`layer_output`): every strategy
+is a function ``layer(lp, xs, h0, lengths, opts) -> (ys, h_n)`` of one layer's params, its input in
 either layout, the initial states, the lengths (or ``None``) and the static options; it runs
 every direction, and returns the layer output, zero at padded steps, and the last states.
 The strategies are :mod:`gru_jax._xla` (the reset-after loops with their custom JVP),
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +141,27 @@ class Options(NamedTuple):
     phases: bool = True
     reset_after: bool = True
     interpret_kernel: str = "gpu"
+
+
+class Strategy(Protocol):
+    """The contract of every strategy: one layer, every direction."""
+
+    def __call__(self, lp, xs, h0, lengths, opts: Options) -> tuple[jax.Array, jax.Array]:
+        """Runs one layer over time.
+
+        Args:
+          lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases
+            ``(K, 3H)``.
+          xs: ``(T, B, D)`` (``(B, T, D)`` for ``opts.time_axis=1``), zero at padded steps.
+          h0: ``(K, B, H)`` in the accumulation dtype (float32, or float64).
+          lengths: ``int32[B]`` in ``[0, T]``, or ``None`` when every sequence is full.
+          opts: the static options.
+
+        Returns:
+          ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``) in the accumulation dtype,
+          zero at padded steps (:func:`layer_output`), and ``h_n`` ``(K, B, H)``, each
+          direction's state after its last valid step (``h0`` for length 0).
+        """
 
 
 class Recurrence(NamedTuple):

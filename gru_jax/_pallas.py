@@ -82,20 +82,9 @@ recurrence.defvjp(_forward, _backward)
 
 
 def layer(lp, xs, h0, lengths, opts: _loops.Options):
-    """One layer, every direction, as one Pallas kernel per pass (forward and backward).
-
-    Args:
-      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
-      xs: ``(T, B, D)`` (``(B, T, D)`` for ``opts.time_axis=1``), zero at padded steps;
-        static shapes.
-      h0: ``(K, B, H)`` in the accumulation dtype (float32, or float64).
-      lengths: ``int32[B]`` in ``[0, T]`` or ``None``.
-      opts: the static options (``unroll`` of the in-kernel loop, or ``None``).
-
-    Returns:
-      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``), zero at padded steps, and
-      ``h_n`` ``(K, B, H)``, each direction's state after its last valid step.
-    """
+    """One layer, every direction, as one Pallas kernel per pass (forward and backward): a
+    :class:`gru_jax._loops.Strategy` (arguments and results as documented there), for
+    static shapes; ``opts.unroll`` is the in-kernel loop's (``None``: the platform's)."""
     acc, cd = h0.dtype, jnp.dtype(opts.compute_dtype)
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]

@@ -18,19 +18,8 @@ from gru_jax import _cell, _loops, _masking
 
 
 def layer(lp, xs, h0, lengths, opts: _loops.Options):
-    """One layer, every direction in one ``lax.scan`` (the contract of :mod:`gru_jax._loops`).
-
-    Args:
-      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
-      xs: ``(T, B, D)`` (``(B, T, D)`` for ``opts.time_axis=1``), zero at padded steps.
-      h0: ``(K, B, H)`` in the accumulation dtype.
-      lengths: ``int32[B]`` in ``[0, T]`` or ``None``.
-      opts: the static options.
-
-    Returns:
-      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``), zero at padded steps, and
-      ``h_n`` ``(K, B, H)``, each direction's state after its last valid step.
-    """
+    """One layer, every direction in one ``lax.scan`` of the fused cell: a
+    :class:`gru_jax._loops.Strategy` (arguments and results as documented there)."""
     acc_dtype, cd = h0.dtype, opts.compute_dtype
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]

@@ -19,19 +19,8 @@ from gru_jax import _cell, _derivative, _loops
 
 
 def layer(lp, xs, h0, lengths, opts: _loops.Options):
-    """One reset-after layer, every direction (the contract of :mod:`gru_jax._loops`).
-
-    Args:
-      lp: the layer's params, ``w_ih (K, D, 3H)``, ``w_hh (K, H, 3H)``, biases ``(K, 3H)``.
-      xs: ``(T, B, D)`` (``(B, T, D)`` for ``opts.time_axis=1``), zero at padded steps.
-      h0: ``(K, B, H)`` in the accumulation dtype.
-      lengths: ``int32[B]`` in ``[0, T]`` or ``None``.
-      opts: the static options (``reset_after`` True).
-
-    Returns:
-      ``(ys, h_n)``: ``ys`` ``(T, B, K*H)`` (``(B, T, K*H)``), zero at padded steps, and
-      ``h_n`` ``(K, B, H)``, each direction's state after its last valid step.
-    """
+    """One reset-after layer (``opts.reset_after`` True), every direction: a
+    :class:`gru_jax._loops.Strategy` (arguments and results as documented there)."""
     w_ih, w_hh = lp["w_ih"], lp["w_hh"]
     bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), w_hh.shape[1], True)
     # h_n is the state after scan step length - 1 in both directions (h0 for length 0).
