@@ -125,16 +125,7 @@ def gru(
     x = jnp.asarray(x)
     _cell.check_float("x", x)
     check_dropout(dropout)
-    if x.ndim not in (2, 3):
-        layout = "(B, T, D)" if batch_first else "(T, B, D)"
-        raise ValueError(
-            f"x must have shape {layout} or unbatched (T, D); got rank {x.ndim}, shape {x.shape}"
-        )
-    if x.shape[-1] != in_features:
-        raise ValueError(
-            f"x must have {in_features} features (last axis) to match params; got shape "
-            f"{x.shape}" + _feature_hint(x, in_features)
-        )
+    _check_x_shape(x, in_features, batch_first)
     unbatched = x.ndim == 2
     # Every layer works in x's own layout: a batch-first input is read, and the output
     # written, without a transposition.
@@ -142,16 +133,10 @@ def gru(
     steps, batch = (x.shape[0], 1) if unbatched else (x.shape[axis], x.shape[1 - axis])
     compute_dtype, acc_dtype = _cell.compute_dtypes(x.dtype, params["layer_0"]["w_ih"].dtype, dtype)
     if h0 is not None:
-        h0 = jnp.asarray(h0)
-        _cell.check_float("h0", h0)
-        states = num_layers * num_dirs
-        want = (states, hidden) if unbatched else (states, batch, hidden)
-        if h0.shape != want:
-            got = h0.shape[1] if h0.ndim == 3 else None
-            raise ValueError(
-                f"h0 must have shape (L*K, {'H' if unbatched else 'B, H'}) = {want}; got "
-                f"{h0.shape}" + _layout_hint(x, batch_first, got)
-            )
+        want = (
+            (num_layers * num_dirs, hidden) if unbatched else (num_layers * num_dirs, batch, hidden)
+        )
+        h0 = _check_h0(jnp.asarray(h0), want, x, batch_first)
     if lengths is not None:
         if unbatched and jnp.ndim(lengths) == 0:
             lengths = jnp.reshape(jnp.asarray(lengths), (1,))
@@ -172,6 +157,33 @@ def gru(
         # inference loops for nothing (the derivative runs its own).
         return _layers(config, params, x, h0, lengths, key)
     return _stack(config, params, x, h0, lengths, key)
+
+
+def _check_x_shape(x, in_features: int, batch_first: bool) -> None:
+    """Raises ``ValueError`` unless ``x`` is ``(B, T, D)``/``(T, B, D)`` or ``(T, D)`` with
+    ``D = in_features``, with a hint where its shape suggests the mistake."""
+    if x.ndim not in (2, 3):
+        layout = "(B, T, D)" if batch_first else "(T, B, D)"
+        raise ValueError(
+            f"x must have shape {layout} or unbatched (T, D); got rank {x.ndim}, shape {x.shape}"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have {in_features} features (last axis) to match params; got shape "
+            f"{x.shape}" + _feature_hint(x, in_features)
+        )
+
+
+def _check_h0(h0, want: tuple, x, batch_first: bool):
+    """``h0`` if it is floating point of shape ``want``, else ``TypeError``/``ValueError``."""
+    _cell.check_float("h0", h0)
+    if h0.shape != want:
+        got = h0.shape[1] if h0.ndim == 3 else None
+        raise ValueError(
+            f"h0 must have shape (L*K, {'H' if len(want) == 2 else 'B, H'}) = {want}; got "
+            f"{h0.shape}" + _layout_hint(x, batch_first, got)
+        )
+    return h0
 
 
 def _feature_hint(x, in_features: int) -> str:
