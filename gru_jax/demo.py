@@ -21,7 +21,6 @@ program opts in, not ``import gru_jax``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -42,8 +41,15 @@ from gru_jax._compile_cache import (
     default_compilation_cache_dir,
     enable_compilation_cache,
 )
+from gru_jax._demo_train import (
+    compile_programs,
+    make_programs,
+    new_state,
+    require,
+    resume,
+    run_epochs,
+)
 from gru_jax._vowels import (
-    INSTALL_HINT,
     NUM_CHANNELS,
     NUM_CLASSES,
     DemoError,
@@ -78,13 +84,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # The model and its training
 # --------------------------------------------------------------------------------------------
-
-
-def _require(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DemoError(f"the demo needs {module.split('.')[0]}: run {INSTALL_HINT}") from None
 
 
 class VowelClassifier(nn.Module):
@@ -141,128 +140,51 @@ def train(
     checkpoint to a temporary folder and renames it when complete, so a partly written one is
     never loaded.
     """
-    tqdm = _require("tqdm").tqdm
-    x_tr, len_tr, y_tr = load_japanese_vowels("train", data_dir)
-    x_te, len_te, y_te = load_japanese_vowels("test", data_dir)
-    mean, std = channel_stats(x_tr, len_tr)
-    x_tr, x_te = normalize(x_tr, len_tr, mean, std), normalize(x_te, len_te, mean, std)
-
+    require("tqdm")  # fail before reading data and compiling, not after, if tqdm is missing
+    (x_tr, len_tr, y_tr), test, norm = _standardized_splits(data_dir)
     model = make_model(hidden, dropout)
-    key = jax.random.key(seed)
-    key, init_key = jax.random.split(key)
+    key, init_key = jax.random.split(jax.random.key(seed))
     clock = CompileClock()
     with clock:
         # Jitted, init compiles once instead of op by op: about half the time on CPU.
         params = jax.jit(model.init)(init_key, x_tr[:1], len_tr[:1])["params"]
     batch_size = min(batch_size, len(y_tr))
-    steps_per_epoch = len(y_tr) // batch_size
-    schedule = optax.cosine_decay_schedule(lr, max(1, epochs * steps_per_epoch), alpha=0.05)
-    tx = optax.adamw(schedule, weight_decay=1e-4)
-    opt_state = tx.init(params)
+    tx = _optimizer(lr, epochs * (len(y_tr) // batch_size))
     data = tuple(jnp.asarray(a) for a in (x_tr, len_tr, y_tr))
+    programs = make_programs(model, tx, data, batch_size)
 
-    def loss_fn(p, x, lengths, y, k):
-        logits = model.apply({"params": p}, x, lengths, deterministic=False, rngs={"dropout": k})
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits.argmax(-1) == y).mean()
-
-    @jax.jit
-    def train_epoch(p, s, k):
-        # One dispatch per epoch: the shuffled minibatches are scanned inside the jit.
-        perm_key, drop_key = jax.random.split(k)
-        idx = jax.random.permutation(perm_key, len(y_tr))[: steps_per_epoch * batch_size]
-        batches = tuple(a[idx].reshape(steps_per_epoch, batch_size, *a.shape[1:]) for a in data)
-        drop_keys = jax.random.split(drop_key, steps_per_epoch)
-
-        def step(carry, batch):
-            p, s = carry
-            *b, k = batch
-            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *b, k)
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), (loss, acc)
-
-        (p, s), (loss, acc) = jax.lax.scan(step, (p, s), (*batches, drop_keys))
-        return p, s, loss.mean(), acc.mean()
-
-    @jax.jit
-    def accuracy(p, x, lengths, y):
-        return (model.apply({"params": p}, x, lengths).argmax(-1) == y).mean()
-
-    curves = {name: np.zeros(epochs, np.float32) for name in ("loss", "train_acc", "test_acc")}
-    state = {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)}
-    state["curves"] = curves
-    manager, done = None, 0
-    if state_dir is not None:
-        manager = _state_manager(state_dir)
-        if manager.latest_step() is not None:
-            done = manager.latest_step()
-            state = _restore_state(manager, done, state)
-            if progress:
-                print(f"resuming after epoch {done} of {epochs} from {state_dir}")
-    params, opt_state, curves = state["params"], state["opt_state"], state["curves"]
-    key = jax.random.wrap_key_data(state["key"])
-
+    state = new_state(params, tx.init(params), key, epochs)
+    manager, done, state = resume(state_dir, state, epochs, progress)
     if done < epochs:
-        if progress:
-            print(
-                "compiling the training epoch and the test accuracy (once per run)...", flush=True
-            )
-        with clock:  # the init's compile, timed above, counts too
-            train_epoch = train_epoch.lower(params, opt_state, key).compile()
-            accuracy = accuracy.lower(params, x_te, len_te, y_te).compile()
-        if progress:
-            print(clock.report(), flush=True)
-    bar = tqdm(
-        range(done, epochs), desc="training", unit="epoch", disable=not progress,
-        initial=done, total=epochs,
-    )  # fmt: skip
-    for epoch in bar:
-        key, k = jax.random.split(key)
-        params, opt_state, loss, acc = train_epoch(params, opt_state, k)
-        test_acc = float(accuracy(params, x_te, len_te, y_te))
-        curves["loss"][epoch], curves["train_acc"][epoch] = float(loss), float(acc)
-        curves["test_acc"][epoch] = test_acc
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}", test=f"{test_acc:.3f}")
-        if manager is not None:
-            state = {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)}
-            state["curves"] = curves
-            manager.save(epoch + 1, args=_ocp().args.StandardSave(state))
-    bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        # The clock holds the init's compile already: its report counts both.
+        programs = compile_programs(programs, state, test, clock, progress)
+    params, curves = run_epochs(
+        programs, state, test, done=done, epochs=epochs, manager=manager, progress=progress
+    )
     history = {name: [float(v) for v in curves[name]] for name in curves}
-    history.update(num_test=len(y_te), dropout=dropout)
-    return params, history, {"mean": mean, "std": std}
+    history.update(num_test=len(test[2]), dropout=dropout)
+    return params, history, norm
 
 
-def _ocp():
-    return _require("orbax.checkpoint")
+def _standardized_splits(data_dir):
+    """The train and test splits ``(x, lengths, y)``, both standardized with the training
+    set's channel statistics; returns ``(train, test, {"mean": ..., "std": ...})``."""
+    x_tr, len_tr, y_tr = load_japanese_vowels("train", data_dir)
+    x_te, len_te, y_te = load_japanese_vowels("test", data_dir)
+    mean, std = channel_stats(x_tr, len_tr)
+    x_tr, x_te = normalize(x_tr, len_tr, mean, std), normalize(x_te, len_te, mean, std)
+    return (x_tr, len_tr, y_tr), (x_te, len_te, y_te), {"mean": mean, "std": std}
 
 
-def _state_manager(state_dir: Path):
-    """orbax's ``CheckpointManager`` of the training state, one checkpoint per epoch."""
-    ocp = _ocp()
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(state_dir).absolute(), options=options)
-
-
-def _restore_state(manager, step: int, like):
-    """The state saved after epoch ``step``, with ``like``'s tree structure and dtypes."""
-    ocp = _ocp()
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), like)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    # NumPy, like the curves: orbax places its arrays on a device explicitly, which a fresh
-    # run's state is not, and the programs compiled for them would differ from a fresh run's
-    # and miss the compilation cache.
-    restored = jax.tree.map(np.asarray, restored)
-    restored["curves"] = {k: np.array(v, np.float32) for k, v in restored["curves"].items()}
-    return restored
+def _optimizer(lr: float, total_steps: int):
+    """AdamW whose rate decays from ``lr`` to 5% of it along a cosine over ``total_steps``."""
+    schedule = optax.cosine_decay_schedule(lr, max(1, total_steps), alpha=0.05)
+    return optax.adamw(schedule, weight_decay=1e-4)
 
 
 def save_checkpoint(path: Path, params, norm, config: dict) -> None:
     """Writes ``{"params", "norm"}`` with orbax to ``path``, and ``config`` to ``path.json``."""
-    ocp = _require("orbax.checkpoint")
+    ocp = require("orbax.checkpoint")
     path = Path(path).absolute()  # orbax wants absolute paths
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, {"params": params, "norm": norm}, force=True)
@@ -276,7 +198,7 @@ def restore_checkpoint(path: Path):
     Rebuild the model with ``make_model(config["hidden"])`` and standardize inputs with
     :func:`normalize` and ``norm["mean"]``/``norm["std"]`` before calling it.
     """
-    ocp = _require("orbax.checkpoint")
+    ocp = require("orbax.checkpoint")
     path = Path(path).absolute()
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(path)
@@ -288,7 +210,7 @@ def restore_checkpoint(path: Path):
 def plot_history(history: dict, path: Path) -> None:
     """Saves the learning curves (loss; train and test accuracy) as a PNG."""
     # A bare Figure draws to a file without pyplot, so no GUI backend is chosen or changed.
-    figure_module = _require("matplotlib.figure")
+    figure_module = require("matplotlib.figure")
 
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig = figure_module.Figure(figsize=(10, 3.8))
@@ -461,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Fail before training, not after it, if a package or the data is missing.
         for module in ("tqdm", "matplotlib.figure", "orbax.checkpoint"):
-            _require(module)
+            require(module)
         if args.data_dir is None:
             dataset_dir()
         run = {k: getattr(args, k) for k in _RUN_KEYS}

@@ -188,9 +188,7 @@ def compile_report(
     notes: list[str] = []
     rows, cold = _compile_figures(p, notes, log)
     lines = ["# gru_jax compile time", *_compile.compile_sections(rows, cold, reps)]
-    if notes:
-        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_notes_lines(notes)]) + "\n"
 
 
 _ERROR_TEXT = (
@@ -215,8 +213,23 @@ def _rates_text(rates: dict[str, float]) -> str:
 
 def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, notes, command,
             loads, elapsed, out, compile_rows=(), cold=()) -> str:  # fmt: skip
+    """The Markdown report of one run: its header, then one section per figure it measured."""
     rate = rates["jax"]
     lines = [
+        *_header_lines(p, info, rates, command, loads, elapsed),
+        *_peer_lines(p, rows, rate),
+        *_compile.compile_sections(compile_rows, cold, p.compile_reps),
+        *_sweep_lines(sweep_rows, rate, out),
+        *_compile_vs_lines(compile_t, compile_l),
+        *_memory_lines(memory),
+        *_notes_lines(notes),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(p: Plan, info, rates, command: str, loads, elapsed: float) -> list[str]:
+    """The title and the bullet list of what ran where: machine, versions, command, timing."""
+    return [
         "# gru_jax benchmark",
         "",
         f"- machine: {info.get('cpu')}, {info.get('cores')} cores, "
@@ -232,6 +245,12 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         "(every implementation once per round, order rotated); fwd+bwd = gradient of "
         "mean(output**2) over valid steps w.r.t. all parameters; wall time of the whole run "
         f"{elapsed:.0f} s",
+    ]
+
+
+def _peer_lines(p: Plan, rows, rate: float) -> list[str]:
+    """The peer table and the FLOP floor of plan ``p``'s configs."""
+    return [
         "",
         "## Peers" + (" (bfloat16)" if p.dtype == "bfloat16" else ""),
         "",
@@ -245,18 +264,28 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
         "### FLOP floor",
         "",
         h.floor_table(p.configs, rate),
-        *_compile.compile_sections(compile_rows, cold, p.compile_reps),
     ]
-    if sweep_rows:
-        cfg = sweep_rows[0].config
-        lines += [
-            "",
-            f"## Time vs T (B={cfg.batch}, D={cfg.features}, H={cfg.hidden}, 1 layer)",
-            "",
-        ]
-        if h.plot_vs_steps(sweep_rows, out / "time_vs_T.png"):
-            lines += ["![time vs T](time_vs_T.png)", ""]
-        lines.append(h.peer_table(sweep_rows, rate))
+
+
+def _sweep_lines(sweep_rows, rate: float, out: Path) -> list[str]:
+    """The time-vs-T section (its plot saved to ``out``), or nothing without a sweep."""
+    if not sweep_rows:
+        return []
+    cfg = sweep_rows[0].config
+    lines = [
+        "",
+        f"## Time vs T (B={cfg.batch}, D={cfg.features}, H={cfg.hidden}, 1 layer)",
+        "",
+    ]
+    if h.plot_vs_steps(sweep_rows, out / "time_vs_T.png"):
+        lines += ["![time vs T](time_vs_T.png)", ""]
+    lines.append(h.peer_table(sweep_rows, rate))
+    return lines
+
+
+def _compile_vs_lines(compile_t, compile_l) -> list[str]:
+    """gru_jax's compile seconds vs T and vs num_layers, each table only where measured."""
+    lines = []
     if compile_t:
         lines += [
             "",
@@ -279,32 +308,59 @@ def _report(p, info, rates, rows, sweep_rows, compile_t, compile_l, memory, note
             "|---:|---:|---:|",
             *(f"| {n} | {f:.2f} | {g:.2f} |" for n, f, g in compile_l),
         ]
-    if memory:
-        lines += [
-            "",
-            "## Backward memory of gru_jax (XLA `compiled.memory_analysis()`, MiB)",
-            "",
-            "temp = XLA's temporary buffers of the compiled gradient. Saved states = "
-            "T*B*H*L*K*4 bytes; the remat target is temp <= 1.5 x saved states + weights.",
-            "",
-            "| config | remat | temp MiB | saved states MiB | weights MiB "
-            "| temp / (states + weights) |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for cfg, remat, mem in memory:
-            temp = mem["temp_size_in_bytes"]
-            states, weights = cfg.state_bytes(), h.weight_bytes(cfg)
-            lines.append(
-                f"| {cfg.name}: {cfg.describe()} | {remat} | {temp / 2**20:.1f} "
-                f"| {states / 2**20:.1f} | {weights / 2**20:.1f} "
-                f"| {temp / (states + weights):.2f} |"
-            )
-    if notes:
-        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _memory_lines(memory) -> list[str]:
+    """The backward-memory table of ``(config, remat, memory_analysis)`` rows, if any."""
+    if not memory:
+        return []
+    lines = [
+        "",
+        "## Backward memory of gru_jax (XLA `compiled.memory_analysis()`, MiB)",
+        "",
+        "temp = XLA's temporary buffers of the compiled gradient. Saved states = "
+        "T*B*H*L*K*4 bytes; the remat target is temp <= 1.5 x saved states + weights.",
+        "",
+        "| config | remat | temp MiB | saved states MiB | weights MiB "
+        "| temp / (states + weights) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for cfg, remat, mem in memory:
+        temp = mem["temp_size_in_bytes"]
+        states, weights = cfg.state_bytes(), h.weight_bytes(cfg)
+        lines.append(
+            f"| {cfg.name}: {cfg.describe()} | {remat} | {temp / 2**20:.1f} "
+            f"| {states / 2**20:.1f} | {weights / 2**20:.1f} "
+            f"| {temp / (states + weights):.2f} |"
+        )
+    return lines
+
+
+def _notes_lines(notes: Sequence[str]) -> list[str]:
+    """The notes section, or nothing when there are none."""
+    return ["", "## Notes", "", *(f"- {n}" for n in notes)] if notes else []
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the benchmark from the command line (``--help`` says how), printing its report."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    p = _plan_from_args(args, parser)
+    if args.compile_only:
+        print(compile_report(p.configs, p.peers, p.compile_reps))
+        return
+    if args.no_extras:
+        p = p.without_extras()
+    command = "python -m gru_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = run(p, args.out, command.strip())
+    print()
+    print(md)
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m gru_jax.bench``, its epilog listing the configs."""
     configs = "\n".join(f"  {c.name:17s} {c.describe()}" for c in h.CONFIGS)
     parser = argparse.ArgumentParser(
         prog="python -m gru_jax.bench",
@@ -368,18 +424,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="bfloat16: the peer comparison in each library's bfloat16 mode, with each "
         "one's output error (the float32-only extras are skipped)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _plan_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
+    """The plan that parsed ``args`` ask for; a wrong value exits through ``parser.error``."""
     if args.reps is not None and args.reps < 7:
         parser.error("--reps must be >= 7 (the report is a median of at least 7)")
     if args.compile_reps < 1:
         parser.error("--compile-reps must be >= 1")
-    if args.peers is not None:
-        peers = [s for s in args.peers.split(",") if s]
-    else:
-        peers = ["flax"] if args.compile_only else default_peers()
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        parser.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
+    peers = _peers_from_args(args, parser)
     p = plan(args.quick, args.reps, peers)
     if args.configs:
         wanted = args.configs.split(",")
@@ -388,13 +442,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"no config named {wanted}")
     p.dtype = args.dtype
     p.compile_reps = args.compile_reps
-    if args.compile_only:
-        print(compile_report(p.configs, p.peers, p.compile_reps))
-        return
-    if args.no_extras:
-        p = p.without_extras()
-    command = "python -m gru_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = run(p, args.out, command.strip())
-    print()
-    print(md)
-    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+    return p
+
+
+def _peers_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """``--peers`` as a list; without it, flax for ``--compile-only``, else the defaults."""
+    if args.peers is not None:
+        peers = [s for s in args.peers.split(",") if s]
+    else:
+        peers = ["flax"] if args.compile_only else default_peers()
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
+    return peers
