@@ -40,12 +40,15 @@ print(json.dumps({
 }))
 """
 
-# Imports gru_jax and the modules users may import, after jax and the dependencies, and
-# prints the JAX settings that changed (there must be none).
+# Imports gru_jax and the modules users may import, after jax and the dependencies (Pallas's
+# modules too: on some jax versions they define flags of their own when first imported),
+# and prints the JAX settings that changed (there must be none).
 _IMPORT = """
 import json, sys
 
 import flax, jax, numpy, optax
+from jax.experimental import pallas
+from jax.experimental.pallas import tpu, triton
 
 before = dict(jax.config.values)
 import gru_jax
