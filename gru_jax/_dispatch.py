@@ -23,7 +23,7 @@ Platform choices: the strategy is chosen per platform with ``jax.lax.platform_de
 where the rule gives platforms different ones (with :data:`PALLAS_FASTER_ON` empty, it does
 not). ``unroll=None`` is :func:`gru_jax.default_unroll` of the platform each loop is
 compiled for (1 on the CPU, with inference's phases; 8 elsewhere), chosen loop by loop
-(:func:`gru_jax._loops.scan`), so that a CPU host exporting for ``cuda`` gets the
+(:func:`gru_jax._loops.unrolled`), so that a CPU host exporting for ``cuda`` gets the
 accelerator's loops at the cost of a second trace of one step. With symbolic shapes the
 XLA loops run at ``unroll=1`` and without phases, whose trip counts and row prefixes need
 concrete sizes; the program is then the same on every platform.
@@ -142,9 +142,10 @@ def run_layer(
     branches, per_platform = {}, {}
     for platform in PLATFORMS:
         name = strategy(impl, reset_after, platform)
-        # Symbolic shapes: a loop unrolled by k needs T // k at trace time. Otherwise each
-        # loop resolves unroll=None for the platform it is compiled for (_loops.scan).
-        u = unroll if static or name == "pallas" else 1
+        # Symbolic shapes: a loop unrolled by k needs T // k at trace time (pallas refused
+        # them above). Otherwise each loop resolves unroll=None for the platform it is
+        # compiled for (_loops.unrolled).
+        u = unroll if static else 1
         opts = options(unroll=u, compute_dtype=compute_dtype, phases=static)
         # One callable per distinct branch: platform_dependent traces each once.
         per_platform[platform] = branches.setdefault(

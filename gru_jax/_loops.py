@@ -1,9 +1,10 @@
 """The pieces of the XLA time loops that the strategies share, and the strategies' contract.
 
 The contract (:class:`Strategy`, :class:`Options`, :func:`layer_output`): every strategy
-is a function ``layer(lp, xs, h0, lengths, opts) -> (ys, h_n)`` of one layer's params, its input in
-either layout, the initial states, the lengths (or ``None``) and the static options; it runs
-every direction, and returns the layer output, zero at padded steps, and the last states.
+is a function ``layer(lp, xs, h0, lengths, opts) -> (ys, h_n)`` of one layer's params, its
+input in either layout, the initial states, the lengths (or ``None``) and the static
+options; it runs every direction, and returns the layer output, zero at padded steps, and
+the last states.
 The strategies are :mod:`gru_jax._xla` (the reset-after loops with their custom JVP),
 :mod:`gru_jax._scan` (the plain scan) and :mod:`gru_jax._pallas` (the fused kernel);
 :mod:`gru_jax._dispatch` is the one place that names them.
@@ -29,6 +30,7 @@ This module imports jax and :mod:`gru_jax._cell`, :mod:`gru_jax._masking`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from typing import Any, NamedTuple, Protocol
@@ -77,34 +79,28 @@ def platform() -> str:
     return device if isinstance(device, str) else device.platform
 
 
-def scan(body, init, xs, unroll: int | None):
-    """``jax.lax.scan(body, init, xs, unroll=unroll)``; ``unroll=None`` unrolls by the
-    :func:`default_unroll` of the platform the loop is compiled for.
-
-    Only the loop is chosen per platform (``jax.lax.platform_dependent`` of two scans of the
-    one body), so that the choice costs a second trace of one step, not of the layer.
-    """
+def unrolled(loop, unroll: int | None, *args):
+    """``loop(unroll, *args)``; ``unroll=None`` becomes the :func:`default_unroll` of the
+    platform the call is compiled for: ``jax.lax.platform_dependent`` of one branch for the
+    CPU and one for the accelerators, each traced once. Wrapped around a single loop (not a
+    layer), the choice costs a second trace of one step."""
     if unroll is not None:
-        return jax.lax.scan(body, init, xs, unroll=unroll)
-
-    def scan_by(u):
-        return lambda init, xs: jax.lax.scan(body, init, xs, unroll=u)
-
+        return loop(unroll, *args)
     return jax.lax.platform_dependent(
-        init, xs, cpu=scan_by(default_unroll("cpu")), default=scan_by(ACCELERATOR_UNROLL)
+        *args,
+        cpu=functools.partial(loop, default_unroll("cpu")),
+        default=functools.partial(loop, ACCELERATOR_UNROLL),
     )
+
+
+def scan(body, init, xs, unroll: int | None):
+    """``jax.lax.scan(body, init, xs, unroll=unroll)``, ``unroll=None`` as :func:`unrolled`."""
+    return unrolled(lambda u, init, xs: jax.lax.scan(body, init, xs, unroll=u), unroll, init, xs)
 
 
 def per_platform(fn, opts: Options, *args):
-    """``fn(opts, *args)``, with ``opts.unroll=None`` resolved for the platform the call is
-    compiled for: one branch per distinct unroll (the CPU's and the accelerators')."""
-    if opts.unroll is not None:
-        return fn(opts, *args)
-    return jax.lax.platform_dependent(
-        *args,
-        cpu=lambda *a: fn(opts._replace(unroll=default_unroll("cpu")), *a),
-        default=lambda *a: fn(opts._replace(unroll=ACCELERATOR_UNROLL), *a),
-    )
+    """``fn(opts, *args)``, with ``opts.unroll=None`` resolved as :func:`unrolled` does."""
+    return unrolled(lambda u, *a: fn(opts._replace(unroll=u), *a), opts.unroll, *args)
 
 
 def check_unroll(unroll) -> int | None:
@@ -128,7 +124,7 @@ class Options(NamedTuple):
     ``time_axis``: the time axis of the layer's input and output (0: ``(T, B, ·)``, 1:
     ``(B, T, ·)``, a batch-first input read where it lies). ``unroll``: the time loops'
     unroll factor; ``None``: that of the platform each loop is compiled for
-    (:func:`scan`, :func:`per_platform`; the Pallas kernel: where it is lowered).
+    (:func:`unrolled`; the Pallas kernel: where it is lowered).
     ``phases``: whether inference with lengths may run the rows sorted, in phases (see
     :func:`inplace_forward`). ``interpret_kernel``: which Pallas kernel the CPU interprets,
     ``"gpu"`` or ``"tpu"`` (tests of the TPU kernel).
@@ -384,14 +380,8 @@ def run_steps(opts: Options, carry, xg, rec: Recurrence, lengths, *, start, stop
     static_bounds = isinstance(start, int) and isinstance(stop, int)
     if not static_bounds:
         return jax.lax.fori_loop(start, stop, body, carry)
-    if opts.unroll is not None:
-        return jax.lax.fori_loop(start, stop, body, carry, unroll=opts.unroll)
-
-    def loop_by(u):
-        return lambda carry: jax.lax.fori_loop(start, stop, body, carry, unroll=u)
-
-    return jax.lax.platform_dependent(
-        carry, cpu=loop_by(default_unroll("cpu")), default=loop_by(ACCELERATOR_UNROLL)
+    return unrolled(
+        lambda u, carry: jax.lax.fori_loop(start, stop, body, carry, unroll=u), opts.unroll, carry
     )
 
 
