@@ -64,18 +64,35 @@ def specs(tc: int, nt: int, rows: int, hidden: int, *, reverse: bool):
     }
 
 
-def _pad_time(a, steps: int):
-    return jnp.pad(a, [(0, 0), (0, steps - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+def _pad(xp, w, b_hn, state, lengths, seqs=()) -> tuple[_kernel.Padded, int]:
+    """The operands (as :func:`gru_jax._pallas_kernel.pad_operands` takes them) padded to
+    the TPU's tiling, their sequences to whole time blocks: ``(padded, steps per block)``."""
+    steps = xp.shape[1]
+    p = _kernel.pad_operands(TPU_TILING, xp, w, b_hn, state, lengths, seqs)
+    tc = time_block(steps, p.rows, p.arrays[3].shape[-1], jnp.dtype(state.dtype).itemsize)
+    pad = [(0, 0), (0, -(-steps // tc) * tc - steps), (0, 0), (0, 0)]
+    # xp first, the state sequences last (pad_operands' order).
+    arrays = [jnp.pad(a, pad) if a.ndim == 4 else a for a in p.arrays]
+    return p._replace(arrays=tuple(arrays)), tc
 
 
-def _launch(kernel, p: _kernel.Padded, tc: int, interpret: bool, **kwargs):
-    num_dirs, _, batch, _ = p.arrays[0].shape
+def _call(kernel, p: _kernel.Padded, tc: int, interpret: bool, *, reverse: bool, inputs,
+          outputs, out_shape, name: str):  # fmt: skip
+    """The ``pallas_call`` over the grid ``(K, Bp // rows, T' // tc)``, blocks by kind of
+    operand (:func:`specs`), the state carried in one VMEM scratch block."""
+    num_dirs, steps, batch, _ = p.arrays[0].shape
+    state = p.arrays[3]
+    s = specs(tc, steps // tc, p.rows, state.shape[-1], reverse=reverse)
     return pl.pallas_call(
         kernel,
-        grid=(num_dirs, batch // p.rows, p.arrays[0].shape[1] // tc),
+        out_shape=out_shape,
+        grid=(num_dirs, batch // p.rows, steps // tc),
+        in_specs=[s[kind] for kind in inputs],
+        out_specs=tuple(s[kind] for kind in outputs),
+        scratch_shapes=[pltpu.VMEM((p.rows, state.shape[-1]), state.dtype)],
         interpret=pltpu.InterpretParams() if interpret else False,
         compiler_params=pltpu.CompilerParams(dimension_semantics=SEMANTICS),
-        **kwargs,
+        name=name,
     )
 
 
@@ -98,22 +115,15 @@ def forward_tpu(spec, interpret: bool, unroll: int, xp, w, b_hn, h0, lengths):
     """The forward kernel on a TPU (Mosaic), or in TPU interpret mode: ``(states
     (K, T, B, H), h_last (K, B, H))`` from unpadded operands."""
     steps = xp.shape[1]
-    p = _kernel.pad_operands(TPU_TILING, xp, w, b_hn, h0, lengths)
-    hp, acc = p.arrays[3].shape[-1], h0.dtype
-    tc = time_block(steps, p.rows, hp, jnp.dtype(acc).itemsize)
-    nt = -(-steps // tc)
-    p = p._replace(arrays=(_pad_time(p.arrays[0], nt * tc), *p.arrays[1:]))
+    p, tc = _pad(xp, w, b_hn, h0, lengths)
     xp, w, b_hn, h0, lengths = p.arrays
-    s = specs(tc, nt, p.rows, hp, reverse=False)
-    states, last = _launch(
-        functools.partial(forward_kernel, spec, tc, unroll), p, tc, interpret,
+    states, last = _call(
+        functools.partial(forward_kernel, spec, tc, unroll), p, tc, interpret, reverse=False,
+        inputs=("seq", "w", "bias", "state", "lengths"), outputs=("state_seq", "state"),
         out_shape=(
-            jax.ShapeDtypeStruct((*xp.shape[:3], hp), acc),
-            jax.ShapeDtypeStruct(h0.shape, acc),
+            jax.ShapeDtypeStruct((*xp.shape[:3], h0.shape[-1]), h0.dtype),
+            jax.ShapeDtypeStruct(h0.shape, h0.dtype),
         ),
-        in_specs=[s["seq"], s["w"], s["bias"], s["state"], s["lengths"]],
-        out_specs=(s["state_seq"], s["state"]),
-        scratch_shapes=[pltpu.VMEM((p.rows, hp), acc)],
         name="gru_forward",
     )(xp, w, b_hn, h0, lengths)  # fmt: skip
     return states[:, :steps, : p.batch, : p.hidden], last[:, : p.batch, : p.hidden]
@@ -143,25 +153,18 @@ def backward_tpu(spec, interpret: bool, unroll: int, xp, hprev, d_states, w, b_h
     """The backward kernel on a TPU (Mosaic), or in TPU interpret mode: ``(dxp
     (K, T, B, 3H), extra (K, T, B, H), dh0 (K, B, H))`` from unpadded operands."""
     steps = xp.shape[1]
-    p = _kernel.pad_operands(TPU_TILING, xp, w, b_hn, d_last, lengths, (hprev, d_states))
-    hp, acc = p.arrays[3].shape[-1], d_last.dtype
-    tc = time_block(steps, p.rows, hp, jnp.dtype(acc).itemsize)
-    nt = -(-steps // tc)
+    p, tc = _pad(xp, w, b_hn, d_last, lengths, (hprev, d_states))
     xp, w, b_hn, d_last, lengths, hprev, d_states = p.arrays
-    xp, hprev, d_states = (_pad_time(a, nt * tc) for a in (xp, hprev, d_states))
-    p = p._replace(arrays=(xp,))
-    s = specs(tc, nt, p.rows, hp, reverse=True)
-    inputs = ("seq", "state_seq", "state_seq", "w", "w_t", "bias", "state", "lengths")
-    dxp, extra, dh0 = _launch(
-        functools.partial(backward_kernel, spec, tc, nt, unroll), p, tc, interpret,
+    dxp, extra, dh0 = _call(
+        functools.partial(backward_kernel, spec, tc, xp.shape[1] // tc, unroll), p, tc,
+        interpret, reverse=True,
+        inputs=("seq", "state_seq", "state_seq", "w", "w_t", "bias", "state", "lengths"),
+        outputs=("seq", "state_seq", "state"),
         out_shape=(
-            jax.ShapeDtypeStruct(xp.shape, acc),
-            jax.ShapeDtypeStruct(hprev.shape, acc),
-            jax.ShapeDtypeStruct(d_last.shape, acc),
+            jax.ShapeDtypeStruct(xp.shape, d_last.dtype),
+            jax.ShapeDtypeStruct(hprev.shape, d_last.dtype),
+            jax.ShapeDtypeStruct(d_last.shape, d_last.dtype),
         ),
-        in_specs=[s[kind] for kind in inputs],
-        out_specs=(s["seq"], s["state_seq"], s["state"]),
-        scratch_shapes=[pltpu.VMEM((p.rows, hp), acc)],
         name="gru_backward",
     )(xp, hprev, d_states, w, jnp.swapaxes(w, 1, 2), b_hn, d_last, lengths)  # fmt: skip
     return (
