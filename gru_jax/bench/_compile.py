@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from gru_jax.bench import _peers
+from gru_jax.bench import _harness, _peers
 from gru_jax.bench._peers import Case, Config, Impl, Unavailable
 
 OURS = "gru_jax"
@@ -268,12 +268,6 @@ def cold_starts(
 # --------------------------------------------------------------------------------------------
 
 
-def _ratio(peer: float | None, ours: float | None) -> str:
-    if peer is None or ours is None or ours <= 0:
-        return "n/a"
-    return f"{peer / ours:.2f}x"
-
-
 def compile_table(rows: Sequence[CompileRow]) -> str:
     """Markdown: per config and implementation, compile seconds and ratios to ours (above 1:
     ours compiles faster)."""
@@ -289,8 +283,8 @@ def compile_table(rows: Sequence[CompileRow]) -> str:
         for r in group:
             cfg = f"{r.config.name}: {r.config.describe()}" if r is group[0] else ""
             lines.append(
-                f"| {cfg} | {r.impl} | {r.forward:.2f} | {_ratio(r.forward, ours.forward)} "
-                f"| {r.train:.2f} | {_ratio(r.train, ours.train)} |"
+                f"| {cfg} | {r.impl} | {r.forward:.2f} | {_harness.ratio(r.forward, ours.forward)} "
+                f"| {r.train:.2f} | {_harness.ratio(r.train, ours.train)} |"
             )
     return "\n".join(lines)
 

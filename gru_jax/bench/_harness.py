@@ -315,7 +315,8 @@ def _ms(s: float | None) -> str:
     return "n/a" if s is None else f"{s * 1e3:.2f}"
 
 
-def _ratio(peer: float | None, ours: float | None) -> str:
+def ratio(peer: float | None, ours: float | None) -> str:
+    """``peer / ours`` as the reports print it (``"1.23x"``; ``"n/a"`` without both)."""
     if peer is None or ours is None or ours <= 0:
         return "n/a"
     return f"{peer / ours:.2f}x"
@@ -344,9 +345,9 @@ def peer_table(rows: Sequence[Row], rate: float | None) -> str:
             name = r.impl if not r.note else f"{r.impl} ({r.note})"
             cfg = f"{r.config.name}: {r.config.describe()}" if r is group[0] else ""
             lines.append(
-                f"| {cfg} | {name} | {_ms(r.forward)} | {_ratio(r.forward, ours.forward)} "
-                f"| {_ms(r.train)} | {_ratio(r.train, ours.train)} "
-                f"| {_ratio(r.forward, floor)} |" + (f" {_error(r.error)} |" if errors else "")
+                f"| {cfg} | {name} | {_ms(r.forward)} | {ratio(r.forward, ours.forward)} "
+                f"| {_ms(r.train)} | {ratio(r.train, ours.train)} "
+                f"| {ratio(r.forward, floor)} |" + (f" {_error(r.error)} |" if errors else "")
             )
     return "\n".join(lines)
 
