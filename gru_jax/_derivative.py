@@ -35,15 +35,15 @@ from gru_jax._loops import Options, Recurrence
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def layer(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
+def layer(opts: Options, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths):
     """One reset-after layer, every direction: the states in scan order and the last ones.
 
     Args:
       opts: unroll, remat, compute dtype, time axis.
       xs: ``(T, B, D)`` layer input (``(B, T, D)`` for ``opts.time_axis=1``), zero at
         padded steps.
-      w_ih: ``(K, D, 3H)``; bias_x: ``(K, 3H)`` (``b_ih`` plus the ``r, z`` part of ``b_hh``)
-        or ``None``; w_hh: ``(K, H, 3H)``; b_hn: ``(K, H)`` or ``None``.
+      w_ih: ``(K, D, 3H)``; w_hh: ``(K, H, 3H)``; b_ih, b_hh: ``(K, 3H)``, or both
+        ``None``.
       h0: ``(K, B, H)`` in the accumulation dtype.
       lengths: ``int32[B]`` or ``None``.
 
@@ -54,7 +54,7 @@ def layer(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
       ``h_last`` is the loop's final carry, not a read of ``hs``, so that the caller's
       ``h_n`` does not keep ``hs`` alive.
     """
-    return _loops.inplace_forward(opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+    return _loops.inplace_forward(opts, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths)
 
 
 def coefficients(partials, mask):
@@ -91,12 +91,12 @@ def _gate_sum(a, gates: int):
 def tangent_sources(opts: Options, coefs, srcs, dsrcs, hprevs, w_ih, tangents):
     """Per direction, ``s_t``: every tangent of ``h_t`` that does not go through ``dh_{t-1}``.
 
-    ``tangents = (dw_ih, dbias_x, dw_hh, db_hn)`` (any may be a symbolic zero); ``dsrcs`` is
+    ``tangents = (dw_ih, db_ih, dw_hh, db_hh)`` (any may be a symbolic zero); ``dsrcs`` is
     ``None`` when the input has no tangent. Returns ``None`` for a direction without any.
     The matmuls use the whole ``(·, 3H)`` kernels, so that their transposes (the weight
     gradients) are single big matmuls.
     """
-    dw_ih, dbias_x, dw_hh, db_hn = tangents
+    dw_ih, db_ih, dw_hh, db_hh = tangents
     cd = opts.compute_dtype
     out = []
     for k, ((c_g, c_f, _), src, hprev) in enumerate(zip(coefs, srcs, hprevs, strict=True)):
@@ -109,12 +109,11 @@ def tangent_sources(opts: Options, coefs, srcs, dsrcs, hprevs, w_ih, tangents):
                 None if _is_zero(dw_ih) else _loops.mm(src, dw_ih[k], cd, acc_dtype),
             ]
         )
-        if not _is_zero(dbias_x):
-            x_part = _cell.plus(x_part, dbias_x[k].astype(acc_dtype))
+        if not _is_zero(db_ih):
+            x_part = _cell.plus(x_part, db_ih[k].astype(acc_dtype))
         h_part = None if _is_zero(dw_hh) else _loops.mm(hprev, dw_hh[k], cd, acc_dtype)
-        if not _is_zero(db_hn):
-            zeros = jnp.zeros((2 * hidden,), acc_dtype)
-            h_part = _cell.plus(h_part, jnp.concatenate([zeros, db_hn[k].astype(acc_dtype)]))
+        if not _is_zero(db_hh):
+            h_part = _cell.plus(h_part, db_hh[k].astype(acc_dtype))
         terms = []
         if x_part is not None:
             # r, z: c_g * x; n: the input enters outside the reset gate, scaled by c_f.
@@ -163,18 +162,17 @@ def _stretch(opts: Options, rec: Recurrence, primals, tangents, dh, h_start, src
     scan order.
     """
     xs, w_ih, _, w_hh, _, h0, _ = primals
-    dxs, dw_ih, dbias_x, dw_hh, db_hn, _, _ = tangents
+    dxs, dw_ih, db_ih, dw_hh, db_hh, _, _ = tangents
     acc_dtype, cd = h0.dtype, opts.compute_dtype
     num_dirs = w_hh.shape[0]
     srcs = [src_of(xs, k) for k in range(num_dirs)]
     xg = [_loops.project(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(srcs)]
+
     h_last, (states, partials) = _loops.scan_with_partials(xg, rec, h_start, mask, opts)
     hprevs = [jnp.concatenate([h_start[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)]
     coefs = [coefficients(partials[k], mask) for k in range(num_dirs)]
     dsrcs = None if _is_zero(dxs) else [src_of(dxs, k) for k in range(num_dirs)]
-    sources = tangent_sources(
-        opts, coefs, srcs, dsrcs, hprevs, w_ih, (dw_ih, dbias_x, dw_hh, db_hn)
-    )
+    sources = tangent_sources(opts, coefs, srcs, dsrcs, hprevs, w_ih, (dw_ih, db_ih, dw_hh, db_hh))
     return states, h_last, tangent_loop(opts, w_hh, dh, sources, coefs)
 
 
@@ -194,7 +192,7 @@ def _layer_jvp(opts: Options, primals, tangents):
         swap = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
         return (tuple(map(swap, hs)), h_last), (tuple(map(swap, dhs)), dh_last)
 
-    xs, w_ih, bias_x, w_hh, b_hn, h0, lengths = primals
+    xs, w_ih, b_ih, w_hh, b_hh, h0, lengths = primals
     dh0 = tangents[5]
     num_dirs = w_hh.shape[0]
     ax = opts.time_axis  # 1 only with remat: xs and dxs are batch-first, the rest not
@@ -203,7 +201,7 @@ def _layer_jvp(opts: Options, primals, tangents):
     dh_init = tuple(
         jnp.zeros_like(h0[k]) if _is_zero(dh0) else dh0[k].astype(h0.dtype) for k in range(num_dirs)
     )
-    rec = Recurrence.of(w_hh, bias_x, b_hn, opts.compute_dtype, h0.dtype)
+    rec = Recurrence.of(w_hh, b_ih, b_hh, opts.compute_dtype, h0.dtype)
     stretch = functools.partial(_stretch, opts, rec, primals, tangents)
 
     if not opts.remat:
@@ -216,7 +214,7 @@ def _layer_jvp(opts: Options, primals, tangents):
     # states of every step: the states are the layer's output, whose cotangent the backward
     # pass holds anyway. The whole tangent computation of a chunk is checkpointed, so the
     # forward loop reruns over the chunk's steps in the backward pass.
-    hs, h_last = _remat.chunked_forward(opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+    hs, h_last = _remat.chunked_forward(opts, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths)
     if not steps:  # nothing to rerun: empty states, and h_last is h0
         hs = tuple(_loops.time_major(h, ax) for h in hs)
         return (hs, h_last), (tuple(jnp.zeros_like(h) for h in hs), dh_init)

@@ -161,25 +161,25 @@ class Strategy(Protocol):
 
 
 class Recurrence(NamedTuple):
-    """A reset-after layer's hidden side, ready for the loops.
+    """A reset-after layer's recurrence, ready for the loops.
 
-    ``w``: ``(K, H, 3H)`` in the compute dtype; ``biases[k] = (b_r, b_z, b_n, b_hn)``,
-    direction ``k``'s biases as ``(H,)`` arrays in the accumulation dtype (or ``None``).
+    ``w``: ``w_hh`` ``(K, H, 3H)`` in the compute dtype; ``b_ih``, ``b_hh``: ``(K, 3H)`` in
+    the accumulation dtype, or ``None`` (no bias). The biases stay torch's two: each step
+    adds ``b_ih`` to the input projection and ``b_hh`` to the hidden product, whole, inside
+    the loop's elementwise fusion, so that no per-gate bias array is made outside the loop
+    (each would be one more kernel to compile).
     """
 
     w: jax.Array
-    biases: tuple
+    b_ih: jax.Array | None
+    b_hh: jax.Array | None
 
     @classmethod
-    def of(cls, w_hh, bias_x, b_hn, compute_dtype, acc_dtype) -> Recurrence:
-        num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
-        biases = []
-        for k in range(num_dirs):
-            bx = [None] * 3
-            if bias_x is not None:
-                bx = [bias_x[k, g * hidden : (g + 1) * hidden].astype(acc_dtype) for g in range(3)]
-            biases.append((*bx, None if b_hn is None else b_hn[k].astype(acc_dtype)))
-        return cls(w_hh.astype(compute_dtype), tuple(biases))
+    def of(cls, w_hh, b_ih, b_hh, compute_dtype, acc_dtype) -> Recurrence:
+        def cast(b):
+            return None if b is None else b.astype(acc_dtype)
+
+        return cls(w_hh.astype(compute_dtype), cast(b_ih), cast(b_hh))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +287,8 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
 
     Args:
       hs: per direction, the state ``(B, H)``.
-      x_t: per direction, its three ``(B, H)`` input projections of this step.
+      x_t: per direction, its three ``(B, H)`` input projections of this step, without
+        bias.
       m_t: ``bool[B, 1]``, False where the step is past a sequence's end, or ``None``.
       rec: the hidden side (:class:`Recurrence`).
       compute_dtype: dtype of the matmul inputs.
@@ -301,7 +302,12 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
     hps = hidden_matmuls(hs, rec.w, compute_dtype)
     new, saved = [], []
     for k, h in enumerate(hs):
-        args = _cell.wire(x_t[k], _cell.gates(hps[k], h.shape[-1]), rec.biases[k])
+        hidden = h.shape[-1]
+        b_ih = None if rec.b_ih is None else rec.b_ih[k]
+        b_hh = None if rec.b_hh is None else rec.b_hh[k]
+        b_x = (None,) * 3 if b_ih is None else _cell.gates(b_ih, hidden)
+        x = tuple(_cell.plus(x_g, b) for x_g, b in zip(x_t[k], b_x, strict=True))
+        args = _cell.wire(x, _cell.gates(_cell.plus(hps[k], b_hh), hidden))
         if partials:
             h_new, (d_r, d_z, d_xn, d_hn, d_h) = _cell.reset_after_partials(*args, h)
             # Packed per step as the tangent loop reads them: the three hidden-side
@@ -390,7 +396,7 @@ def phase_bounds(batch: int, phases: int) -> list[int]:
     return sorted({round(j * batch / phases) for j in range(phases + 1)})
 
 
-def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
+def inplace_forward(opts: Options, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths):
     """The reset-after forward pass that keeps no gates (inference), in ``opts.time_axis``'s
     layout.
 
@@ -409,8 +415,8 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     Args:
       opts: the loop options.
       xs: ``(T, B, D)`` (``(B, T, D)`` for ``time_axis=1``), zero at padded steps.
-      w_ih: ``(K, D, 3H)``; bias_x: ``(K, 3H)`` or ``None``; w_hh: ``(K, H, 3H)``;
-        b_hn: ``(K, H)`` or ``None`` (see :func:`gru_jax._cell.split_bias`).
+      w_ih: ``(K, D, 3H)``; w_hh: ``(K, H, 3H)``; b_ih, b_hh: ``(K, 3H)``, or both
+        ``None``.
       h0: ``(K, B, H)`` in the accumulation dtype.
       lengths: ``int32[B]`` or ``None``.
 
@@ -419,12 +425,12 @@ def inplace_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
       and the last states ``(B, H)``.
     """
     if opts.unroll is None:  # the CPU's loop runs phased, the accelerators' unrolled
-        return per_platform(inplace_forward, opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+        return per_platform(inplace_forward, opts, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths)
     ax = opts.time_axis
     acc_dtype, cd = h0.dtype, opts.compute_dtype
     num_dirs = w_hh.shape[0]
     steps, batch = xs.shape[ax], xs.shape[1 - ax]
-    rec = Recurrence.of(w_hh, bias_x, b_hn, cd, acc_dtype)
+    rec = Recurrence.of(w_hh, b_ih, b_hh, cd, acc_dtype)
     phased = opts.phases and lengths is not None and steps > 0 and batch > 0 and opts.unroll == 1
     if phased:
         order = jnp.argsort(-lengths, stable=True)

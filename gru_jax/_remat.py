@@ -97,7 +97,7 @@ def remat_chunk(steps: int, batch: int) -> int:
     return divisor_near(steps, max(steps // 32, -(-256 // max(batch, 1)), 1))
 
 
-def chunked_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
+def chunked_forward(opts: Options, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths):
     """The reset-after forward pass of ``remat`` (no gates kept), in bounded memory.
 
     Chosen by :mod:`gru_jax._derivative` under ``remat=True``. Unlike
@@ -114,7 +114,7 @@ def chunked_forward(opts: Options, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths):
     ax, acc_dtype, cd = opts.time_axis, h0.dtype, opts.compute_dtype
     num_dirs, hidden = w_hh.shape[0], w_hh.shape[1]
     steps, batch = xs.shape[ax], xs.shape[1 - ax]
-    rec = Recurrence.of(w_hh, bias_x, b_hn, cd, acc_dtype)
+    rec = Recurrence.of(w_hh, b_ih, b_hh, cd, acc_dtype)
     carry = (
         tuple(h0[k] for k in range(num_dirs)),
         tuple(jnp.zeros((steps, batch, hidden), acc_dtype) for _ in range(num_dirs)),

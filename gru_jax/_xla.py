@@ -7,22 +7,20 @@ sorted by length in phases that skip most padded steps. Its derivative is the cu
 :mod:`gru_jax._derivative`, whose transpose runs the backward loop with one small matmul per
 step and the weight gradients as single big matmuls (with ``remat``, chunk by chunk).
 
-This module imports jax and :mod:`gru_jax._cell`, :mod:`gru_jax._loops`,
-:mod:`gru_jax._derivative`.
+This module imports jax and :mod:`gru_jax._loops`, :mod:`gru_jax._derivative`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from gru_jax import _cell, _derivative, _loops
+from gru_jax import _derivative, _loops
 
 
 def layer(lp, xs, h0, lengths, opts: _loops.Options):
     """One reset-after layer (``opts.reset_after`` True), every direction: a
     :class:`gru_jax._loops.Strategy` (arguments and results as documented there)."""
-    w_ih, w_hh = lp["w_ih"], lp["w_hh"]
-    bias_x, b_hn = _cell.split_bias(lp.get("b_ih"), lp.get("b_hh"), w_hh.shape[1], True)
+    w_ih, w_hh, b_ih, b_hh = lp["w_ih"], lp["w_hh"], lp.get("b_ih"), lp.get("b_hh")
     # h_n is the state after scan step length - 1 in both directions (h0 for length 0).
-    states, h_last = _derivative.layer(opts, xs, w_ih, bias_x, w_hh, b_hn, h0, lengths)
+    states, h_last = _derivative.layer(opts, xs, w_ih, b_ih, w_hh, b_hh, h0, lengths)
     return _loops.layer_output(states, lengths, opts.time_axis), jnp.stack(h_last)
