@@ -167,7 +167,6 @@ def _stretch(opts: Options, rec: Recurrence, primals, tangents, dh, h_start, src
     num_dirs = w_hh.shape[0]
     srcs = [src_of(xs, k) for k in range(num_dirs)]
     xg = [_loops.project(src, w_ih[k], cd, acc_dtype) for k, src in enumerate(srcs)]
-
     h_last, (states, partials) = _loops.scan_with_partials(xg, rec, h_start, mask, opts)
     hprevs = [jnp.concatenate([h_start[k][None], states[k][:-1]], axis=0) for k in range(num_dirs)]
     coefs = [coefficients(partials[k], mask) for k in range(num_dirs)]

@@ -164,10 +164,10 @@ class Recurrence(NamedTuple):
     """A reset-after layer's recurrence, ready for the loops.
 
     ``w``: ``w_hh`` ``(K, H, 3H)`` in the compute dtype; ``b_ih``, ``b_hh``: ``(K, 3H)`` in
-    the accumulation dtype, or ``None`` (no bias). The biases stay torch's two: each step
-    adds ``b_ih`` to the input projection and ``b_hh`` to the hidden product, whole, inside
-    the loop's elementwise fusion, so that no per-gate bias array is made outside the loop
-    (each would be one more kernel to compile).
+    the accumulation dtype, or ``None`` (no bias). The biases stay torch's two, added inside
+    the step's elementwise fusions: ``b_ih`` to each gate's input projection, ``b_hh``
+    whole to the hidden product. Folding part of ``b_hh`` into ``b_ih`` before the loop
+    made a kernel for the sum and one per gate, each one more for XLA to compile.
     """
 
     w: jax.Array
@@ -290,7 +290,7 @@ def step(hs, x_t, m_t, rec: Recurrence, compute_dtype, *, partials: bool = False
       x_t: per direction, its three ``(B, H)`` input projections of this step, without
         bias.
       m_t: ``bool[B, 1]``, False where the step is past a sequence's end, or ``None``.
-      rec: the hidden side (:class:`Recurrence`).
+      rec: the recurrence (:class:`Recurrence`).
       compute_dtype: dtype of the matmul inputs.
       partials: also return the cell's partial derivatives
         (:func:`gru_jax._cell.reset_after_partials`) per direction, packed as
@@ -336,7 +336,7 @@ def run_steps(opts: Options, carry, xg, rec: Recurrence, lengths, *, start, stop
       carry: ``(hs, states)``: the current state per direction, and per direction the array
         that step ``t``'s state is written into (at ``t`` along the time axis).
       xg: per direction, its three input projections, step ``t`` at position ``t - origin``.
-      rec: the hidden side.
+      rec: the recurrence.
       lengths: ``int32[B]`` or ``None``.
       start, stop: the steps to run; traced bounds run without unrolling.
       n_from_states: read the ``n`` gate's projection of step ``t`` from ``states`` instead
@@ -474,7 +474,7 @@ def scan_with_partials(xg, rec: Recurrence, h0, mask, opts: Options):
 
     Args:
       xg: per direction, its three ``(T, B, H)`` input projections in scan order.
-      rec: the hidden side.
+      rec: the recurrence.
       h0: per direction, the state before the first step, ``(B, H)``.
       mask: ``bool[T, B, 1]`` or ``None``.
       opts: the loop options.
