@@ -101,10 +101,7 @@ def plus(a, b):
     return a + (b.reshape((1,) * (a.ndim - 1) + b.shape) if b.ndim == 1 else b)
 
 
-NO_BIASES = (None, None, None, None)
-
-
-def wire(x, hp, biases=NO_BIASES):
+def wire(x, hp, b_hn=None):
     """The gate wiring: the cell's arguments from the input side and the hidden side.
 
     Every strategy (the XLA loops, both Pallas kernels) and the derivative call this, each
@@ -112,20 +109,19 @@ def wire(x, hp, biases=NO_BIASES):
 
     Args:
       x: ``(x_r, x_z, x_n)``, the input projections ``x W_i*`` of the three gates, each
-        ``(..., H)``, with or without the biases folded in (see :func:`split_bias`).
+        ``(..., H)``, their biases added (or folded in, see :func:`split_bias`).
       hp: ``(h_r, h_z, h_n)``, the hidden products ``h W_h*``; ``h_n`` is ``None`` for the
         reset-before cell, whose ``n`` gate multiplies ``r ⊙ h`` instead.
-      biases: ``(b_r, b_z, b_n, b_hn)``, the biases not folded into ``x`` (any ``None``):
-        ``b_r, b_z`` join the gates' pre-activations, ``b_n`` the input side of ``n`` and
-        ``b_hn`` its hidden side.
+      b_hn: the hidden side's bias of ``n``, ``(H,)``, where ``h_n`` does not hold it
+        (reset-after only), or ``None``.
 
     Returns:
       ``(a_r, a_z, x_n, hn)`` as :func:`cell` and :func:`reset_after_cell` take them
       (``hn`` ``None`` for the reset-before cell).
     """
-    (x_r, x_z, x_n), (h_r, h_z, h_n), (b_r, b_z, b_n, b_hn) = x, hp, biases
+    (x_r, x_z, x_n), (h_r, h_z, h_n) = x, hp
     hn = None if h_n is None else plus(h_n, b_hn)
-    return plus(x_r + h_r, b_r), plus(x_z + h_z, b_z), plus(x_n, b_n), hn
+    return x_r + h_r, x_z + h_z, x_n, hn
 
 
 def gates(a, hidden: int):
@@ -157,8 +153,7 @@ def fused_step(xp, h, w_hh, b_hn, *, reset_after: bool, compute_dtype):
         )
 
     if reset_after:
-        biases = (None, None, None, b_hn)
-        a_r, a_z, x_n, hn = wire(gates(xp, hidden), gates(mm(h, w_hh), hidden), biases)
+        a_r, a_z, x_n, hn = wire(gates(xp, hidden), gates(mm(h, w_hh), hidden), b_hn)
         return reset_after_cell(a_r, a_z, x_n, hn, h)
     h_rz = mm(h, w_hh[..., : 2 * hidden])
     a_r, a_z, x_n, _ = wire(gates(xp, hidden), (h_rz[..., :hidden], h_rz[..., hidden:], None))

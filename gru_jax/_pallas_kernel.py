@@ -132,7 +132,7 @@ def step_pieces(spec: Spec, xp, h, ws, b_hn):
     """
     acc = h.dtype
     h_n = dot(h, ws[2], acc) if spec.reset_after else None
-    return _cell.wire(xp, (dot(h, ws[0], acc), dot(h, ws[1], acc), h_n), (None, None, None, b_hn))
+    return _cell.wire(xp, (dot(h, ws[0], acc), dot(h, ws[1], acc), h_n), b_hn)
 
 
 def new_state(spec: Spec, a_r, a_z, x_n, hn, h, w_n):
